@@ -4,3 +4,5 @@ from flux.env import env_report
 
 __version__ = "0.1.0"
 __all__ = ["env_report", "ops", "__version__"]
+from flux.moe import patch, unpatch  # noqa: E402
+__all__ += ["patch", "unpatch"]

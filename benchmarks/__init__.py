@@ -1,0 +1,1 @@
+"""Kernel microbenchmarks of flux (pytest-benchmark tests and ``python -m benchmarks.run``)."""

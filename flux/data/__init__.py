@@ -1,0 +1,27 @@
+"""Offline data layer: real-text loaders, a locally trained tokenizer, non-IID partitioners.
+
+Nothing comes from a model/data hub: ``pydoc`` (stdlib), ``chatterbot`` (PyPI package),
+``multiemo`` (fetched with pip into the cache at run time, never committed) and local files.
+"""
+from flux.data.cache import cache_dir
+from flux.data.partition import SCHEMES, PartitionError, label_skew, label_table, partition
+from flux.data.sources import (
+    DataUnavailableError,
+    Dataset,
+    Example,
+    ensure_multiemo,
+    load_chatterbot,
+    load_csv,
+    load_dataset,
+    load_jsonl,
+    load_local,
+    load_multiemo,
+    load_pydoc,
+)
+from flux.data.tokenizer import FluxTokenizer, get_tokenizer
+
+__all__ = [
+    "SCHEMES", "DataUnavailableError", "Dataset", "Example", "FluxTokenizer", "PartitionError",
+    "cache_dir", "ensure_multiemo", "get_tokenizer", "label_skew", "label_table", "load_chatterbot",
+    "load_csv", "load_dataset", "load_jsonl", "load_local", "load_multiemo", "load_pydoc", "partition",
+]
