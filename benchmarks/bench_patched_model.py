@@ -8,8 +8,8 @@ Providers (the same model and batch; only the experts implementation differs):
 * ``eager``      transformers' per-expert loop (``set_experts_implementation("eager")``)
 * ``grouped_mm`` transformers' grouped GEMM (the default on CPU)
 * ``flux``       ``flux.patch(model)``, full expert set, through ``flux.ops.merged_moe``
-* ``flux_merged`` FLUX layout per layer: E/8 tuning experts (trainable), the other experts
-  merged into E/8 frozen groups
+* ``flux_merged`` FLUX layout per layer: max(2, E/8) tuning experts (trainable), the other
+  experts merged into as many frozen groups
 * ``flux_merged_int4`` the same with the frozen groups stored int4
 
 Everything else of the model is trainable in every provider.  Providers are timed
@@ -55,8 +55,8 @@ def build(name: str, seed: int = 0):
 
 
 def merged_layout(num_experts: int) -> dict:
-    n = max(1, num_experts // 8)
-    tuning = list(range(0, num_experts, num_experts // n))[:n]
+    n = max(2, num_experts // 8)
+    tuning = list(range(0, num_experts, max(1, num_experts // n)))[:n]
     rest = [e for e in range(num_experts) if e not in tuning]
     groups = max(1, min(n, len(rest)))
     clusters = [rest[i::groups] for i in range(groups)]

@@ -51,6 +51,14 @@ constexpr int qmax_of(int64_t bits) { return bits == 4 ? 7 : 127; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// ----------------------------------------------------------------------------- scratch memory
+// Grow-only per-thread scratch, viewed as a non-owning CPU tensor of `sizes` / `dtype`.  Reusing
+// it avoids the page faults of fresh large allocations on every call.  The tensor stays valid
+// until the next thread_scratch call with the same slot on the same thread; it must never be
+// returned to the caller.  The memory is kept until the thread exits.
+constexpr int kScratchSlots = 4;
+at::Tensor thread_scratch(int slot, at::IntArrayRef sizes, at::ScalarType dtype);
+
 // ----------------------------------------------------------------------------- quantized rows
 // Dequantizes qdata (bits 4: uint8 [R, ceil(cols/2)]; bits 8: int8 [R, cols]) with fp32
 // scales [R, ceil(cols/group_size)] into `out` [R, cols] (contiguous, any float dtype).

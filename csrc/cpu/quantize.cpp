@@ -70,7 +70,9 @@ void dequantize_rows(const at::Tensor& qdata, const at::Tensor& scales, int64_t 
   const int8_t* q_i8 = bits == 8 ? qdata.data_ptr<int8_t>() : nullptr;
   out_t* dst = out.data_ptr<out_t>();
 
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)),
+  // Grain ~64K elements: a router gate (E x H, E <= 256) mostly dequantises on one thread,
+  // which is cheaper than waking the pool for ~20 us of work.
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1)),
                    [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* sc = scale_ptr + r * n_groups;

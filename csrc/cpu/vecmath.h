@@ -16,10 +16,10 @@ namespace flux_cpu {
 
 // exp(x) without a libm call (so loops over it vectorise): Cody-Waite reduction
 // x = n ln2 + r, |r| <= ln2/2, the Cephes degree-6 polynomial for e^r, and 2^n written into the
-// exponent bits.  About 1-2 ulp.  x is clamped to [-87.3, 88.3] so the result stays a normal
-// float (exp(-100) gives 1.2e-38 instead of 4e-44: immaterial for silu / softmax / sigmoid).
-static inline __attribute__((always_inline)) float fast_exp(float x) {
-  x = x < -87.3f ? -87.3f : x;
+// exponent bits.  About 1-2 ulp on [-87.3, 88.3]; below it returns 0 (no denormals: exp(-87.5)
+// gives 0 instead of 1e-38), above it +inf; NaN stays NaN.
+static inline __attribute__((always_inline)) float fast_exp(float in) {
+  float x = in < -87.3f ? -87.3f : in;
   x = x > 88.3f ? 88.3f : x;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float t = x * 1.44269504088896341f + magic;
@@ -39,7 +39,9 @@ static inline __attribute__((always_inline)) float fast_exp(float x) {
   int32_t s_bits = (ni + 127) << 23;
   float s;
   std::memcpy(&s, &s_bits, 4);
-  return p * s;
+  float out = p * s;
+  out = in < -87.3f ? 0.f : out;
+  return in > 88.3f ? __builtin_inff() : out;
 }
 
 }  // namespace flux_cpu

@@ -16,6 +16,7 @@ blocks); the handle only talks to that interface.
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Iterator, Optional, Sequence
 
@@ -116,7 +117,7 @@ class ExpertSource:
             original.data = torch.empty(0, dtype=original.dtype, device=original.device)
             self._released.append((module, name, original))
 
-    def reinstate(self, shapes_from_placeholders: bool = True) -> None:
+    def reinstate(self) -> None:
         """Give the released Parameter objects fresh (uninitialised) storage of their shape and
         put them back; the caller writes the values."""
         for module, name, original in self._released:
@@ -242,9 +243,14 @@ class MoELayerHandle:
 
     # ------------------------------------------------------------------ weights
     def _check_expert(self, index: int) -> int:
-        if isinstance(index, bool) or not isinstance(index, int) and not (isinstance(index, Tensor) and index.numel() == 1):
-            raise TypeError(f"expert index must be an int, got {type(index).__name__}")
-        index = int(index)
+        if isinstance(index, Tensor) and index.numel() == 1 and not index.is_floating_point():
+            index = int(index)
+        if isinstance(index, bool):
+            raise TypeError("expert index must be an int, got bool")
+        try:
+            index = operator.index(index)
+        except TypeError:
+            raise TypeError(f"expert index must be an int, got {type(index).__name__}") from None
         if not 0 <= index < self.num_experts:
             raise LayoutIndexError(f"{self.name}: expert {index} is out of range [0, {self.num_experts})")
         return index

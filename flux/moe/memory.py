@@ -240,7 +240,8 @@ def estimate_memory(
             row["weights"] = w
             if train_experts:
                 row["grads"] = w
-                numels = [2 * i * h * e, h * i * e] + ([2 * i * e, h * e] if bias else [])
+                # per original parameter: fused stacks (interface) or one tensor per projection (ModuleList)
+                numels = [p.numel() for p in layer.source.expert_parameters()]
                 row["optimizer"] = sum(_optimizer_bytes(optimizer, n, el) for n in numels)
             details["expert_weights"] += w
         else:

@@ -102,7 +102,7 @@ def validate_layout(
             f"{layer}: down has shape {tuple(down.shape)}, expected {(groups, hidden, intermediate)} "
             f"= [G, H, I] with G={groups} (from gate_up), H={hidden}, I={intermediate}"
         )
-    flags = list(trainable)
+    flags = trainable.tolist() if isinstance(trainable, Tensor) else list(trainable)
     if len(flags) != groups:
         raise LayoutError(f"{layer}: trainable has {len(flags)} flags but there are {groups} groups (gate_up.shape[0])")
     for i, f in enumerate(flags):

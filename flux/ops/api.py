@@ -68,7 +68,9 @@ def route_profile(
 
     Returns:
         (topk_weights fp32 [T, k], topk_ids int32 [T, k], counts int64 [E]).  Ids are in
-        descending logit order; ties go to the lower expert index.
+        descending logit order; ties go to the lower expert index.  The op is forward-only:
+        the returned weights carry no gradient to x or the gate (use the model's router for
+        a differentiable routing path).
     """
     _require(isinstance(x, Tensor) and x.dim() == 2, f"x must be a 2-D tensor [T, H], got {getattr(x, 'shape', type(x))}")
     _require(x.dtype in FLOAT_DTYPES, f"x must be floating, got dtype {x.dtype}", TypeError)
@@ -96,8 +98,9 @@ def route_profile(
         _require(counts.is_contiguous(), "counts must be contiguous (it is updated in place)")
     if x.dtype == torch.float64:
         x = x.float()
+    # Forward-only by design (profiling and routing decisions): no gradient flows back.
     weights, ids = library.route_profile_op(
-        x.contiguous(), gate_tensor, gate_scales, bits, group_size, top_k, scoring, bool(renormalize), counts
+        x.detach().contiguous(), gate_tensor.detach(), gate_scales, bits, group_size, top_k, scoring, bool(renormalize), counts
     )
     return weights, ids, counts
 

@@ -103,3 +103,24 @@ def test_biased_experts_and_bad_layouts():
         estimate_memory(handle, None, optimizer="lion")
     with pytest.raises(ValueError, match="2 entries but the model has 1"):
         estimate_memory(handle, [None, None])
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_modulelist_model_matches_real_tensors(merged):
+    from tests.moe.deepseek_v1 import tiny_deepseek_v1
+
+    model = tiny_deepseek_v1()  # 2 MoE layers x 6 experts, one nn.Linear per projection
+    handle = flux.patch(model)
+    layout = LayerLayout(tuned=2, merged_groups=2, quantize_bits=4, quantize_group_size=16) if merged else None
+    _freeze_non_experts(model, handle)
+    if merged:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    predicted = estimate_memory(handle, layout, optimizer="adamw")
+    if merged:
+        for layer in handle.moe_layers:
+            layer.install_merged_view(tuning=[0, 3], clusters=[[1, 2], [4, 5]], quantize_bits=4, quantize_group_size=16)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    _train_step(model, handle, opt)
+    real = measure_memory(model, opt)
+    assert (predicted.weights, predicted.grads, predicted.optimizer) == (real.weights, real.grads, real.optimizer)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flux
-from tests.moe.helpers import assert_close, compare_models, input_ids, step, tiny_mixtral, tiny_qwen2_moe, zero_grads
+from tests.moe.helpers import compare_models, input_ids, step, tiny_mixtral, tiny_qwen2_moe, zero_grads
 
 peft = pytest.importorskip("peft")
 
