@@ -21,6 +21,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_partition_arguments(sub.add_parser(
         "partition", help="partition a dataset among participants and print the per-participant label table"))
+    from flux.federation.cli import add_run_arguments
+
+    add_run_arguments(sub.add_parser(
+        "run", help="run a federated fine-tuning job (FLUX or a baseline) and print its result table"))
+    from flux.models.cli import add_pretrain_arguments
+
+    add_pretrain_arguments(sub.add_parser(
+        "pretrain", help="warm-start a small MoE model on local text (cached)"))
+    from flux.ablation import add_ablate_arguments
+
+    add_ablate_arguments(sub.add_parser(
+        "ablate", help="measure the paper's claims on the three techniques (writes DIR/ablation.json)"))
+    from flux.bench import add_bench_arguments
+
+    add_bench_arguments(sub.add_parser(
+        "bench", help="time-to-accuracy of FLUX vs the baselines (results.json, table.md, tta.png)"))
     return parser
 
 

@@ -2,6 +2,7 @@
 
 Eq. 1 layer budgets (:mod:`.budgets`), PCA features and fused cosine K-Means over all layers
 (:mod:`.kmeans`), Eq. 2 weighted merging and the per-layer merge plan (:mod:`.merge`).
+Plans installed on a patched model as merged views, FMES dropping, ablation budgets: :mod:`.install`.
 """
 from flux.merging.budgets import DEFAULT_VAR_FLOOR, frequency_variance, layer_budgets
 from flux.merging.kmeans import (
@@ -12,6 +13,16 @@ from flux.merging.kmeans import (
     pad_features,
     pca_features,
     per_layer_kmeans,
+)
+from flux.merging.install import (
+    collect_tuned,
+    drop_model,
+    install_merge,
+    layer_weight_stacks,
+    merge_model,
+    single_budgets,
+    uniform_budgets,
+    uninstall,
 )
 from flux.merging.merge import (
     MERGE_MODES,
@@ -33,16 +44,24 @@ __all__ = [
     "LayerMergePlan",
     "MERGE_MODES",
     "assemble_group_weights",
+    "collect_tuned",
+    "drop_model",
     "frequency_variance",
     "fused_kmeans",
+    "install_merge",
     "layer_budgets",
+    "layer_weight_stacks",
     "merge_cluster",
     "merge_coefficients",
     "merge_experts",
+    "merge_model",
     "normalized_merge_weights",
     "pad_features",
     "pca_features",
     "per_layer_kmeans",
     "plan_layer_merge",
     "plan_model_merge",
+    "single_budgets",
+    "uniform_budgets",
+    "uninstall",
 ]

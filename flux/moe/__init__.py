@@ -14,6 +14,7 @@ Modules: interface.py (transformers ExpertsInterface backend), modulelist.py + a
 view), compute.py (the op call, biases), glu.py (activation probing), memory.py (accounting).
 """
 from flux.moe.adapters import ModuleListAdapter, Routing, register_adapter, registered_adapters, unregister_adapter
+from flux.moe.budget import MemoryBudget, budgets_from_memory, fit_check, full_training_bytes, weights_bytes
 from flux.moe.handle import MoELayerHandle, PatchHandle
 from flux.moe.memory import LayerLayout, MemoryReport, estimate_memory, measure_memory
 from flux.moe.merged_view import ExpertWeights, LayoutError, LayoutIndexError, MergedView
@@ -24,13 +25,17 @@ __all__ = [
     "LayerLayout",
     "LayoutError",
     "LayoutIndexError",
+    "MemoryBudget",
     "MemoryReport",
     "MergedView",
     "ModuleListAdapter",
     "MoELayerHandle",
     "PatchHandle",
     "Routing",
+    "budgets_from_memory",
     "estimate_memory",
+    "fit_check",
+    "full_training_bytes",
     "get_handle",
     "measure_memory",
     "patch",
@@ -38,4 +43,5 @@ __all__ = [
     "registered_adapters",
     "unpatch",
     "unregister_adapter",
+    "weights_bytes",
 ]

@@ -1,0 +1,264 @@
+"""FMQ: every expert trains, held in int4 so the model fits (quantized training, no master copy).
+
+Storage between steps, per MoE layer: the expert stacks ``gate_up`` [E, 2I, H] and ``down``
+[E, H, I] as int4 :class:`flux.ops.QuantizedTensor` (group 64, fp32 scales), and their AdamW
+moments quantized too (``exp_avg`` and ``sqrt(exp_avg_sq)``, 8-bit, or 4-bit when 8-bit does not
+fit; storing the square root halves the dynamic range the quantizer has to cover).  There is no
+full-precision master copy.
+
+One local step:
+
+1. forward/backward through the *dequantized* weights (the merged view's trainable stacks hold
+   ``dequantize(Q)``); straight-through estimator: the gradient w.r.t. the dequantized weight is
+   used as the gradient of the quantized one;
+2. AdamW (the same betas/eps/lr as every other method) on a float working copy:
+   ``w = deq(Q_w)``, ``m = deq(Q_m)``, ``v = deq(Q_s)^2``; the usual update;
+3. re-quantize ``w`` to int4 with stochastic rounding (unbiased: an update smaller than half a
+   quantization step still moves the weight in expectation; round-to-nearest would erase it),
+   and ``m``, ``sqrt(v)`` to the moment precision.
+
+Resident bytes (what a device running this holds; exact, from :func:`flux.moe.estimate_memory`
+with ``LayerLayout(quantize_bits=...)`` for the quantized stacks): non-expert weights and their
+training state + int4 expert weights + quantized moments + the float working set of one expert
+(dequantized W, its gradient, dequantized m and v: the grouped expert computation walks the
+experts one at a time, dequantizing each, and an expert is updated as soon as its layer's
+backward has produced its gradient).  The simulation materialises every expert's working copy
+at once (the view's float stacks) and steps after the whole backward; the numbers are the same
+because the per-parameter updates are independent.
+
+The uploaded delta of an expert is ``deq(Q_w) - W_global``: it includes the quantization error
+of the starting point, which is what makes FMQ's global model oscillate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from flux.federation.aggregate import Update
+from flux.federation.local import participant_generator, restore, snapshot
+from flux.federation.methods import Method, RunContext, expert_delta, expert_tokens, model_weight_bytes, tensor_bytes
+from flux.federation.workload import set_requires_grad
+from flux.ops import QuantizedTensor, quantize
+
+WEIGHT_BITS = 4
+GROUP_SIZE = 64
+MOMENT_BITS_CHOICES = (8, 4)  # best first; the first that fits is used
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW defaults, as train_local uses
+ADAM_EPS = 1e-8
+# random-stream id of the stochastic rounding (participant_generator's ``stream``)
+ROUNDING_STREAM = 2
+
+
+def stochastic_quantize(w: Tensor, bits: int, group_size: int, generator: torch.Generator) -> QuantizedTensor:
+    """Quantize ``w`` (float [..., C]) with the scales of round-to-nearest but rounding each value
+    up or down at random, with probability given by its distance to the two grid points
+    (E[dequantize] = w).  The group maxima sit on the grid, so the scales do not change."""
+    nearest = quantize(w, bits=bits, group_size=group_size)
+    cols = w.shape[-1]
+    rows = w.reshape(-1, cols).float()
+    step = nearest.scales.repeat_interleave(group_size, dim=1)[:, :cols]
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    noise = torch.rand(rows.shape, generator=generator).to(rows.device)
+    qmax = 2 ** (bits - 1) - 1
+    grid = torch.floor(rows / safe + noise).clamp_(-qmax, qmax) * step
+    return quantize(grid.view(w.shape).to(w.dtype), bits=bits, group_size=group_size)
+
+
+class QuantizedAdamW:
+    """AdamW over parameters whose values live as int4 ``QuantizedTensor`` s (module docstring).
+
+    ``params`` are the float tensors the model computes with; after :meth:`step` they hold
+    ``dequantize`` of the new quantized weights and their gradients are zeroed.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], *, lr: float, moment_bits: int,
+                 generator: torch.Generator, weight_decay: float = 0.0, group_size: int = GROUP_SIZE) -> None:
+        if moment_bits not in (4, 8):
+            raise ValueError(f"moment_bits must be 4 or 8, got {moment_bits}")
+        self.params = list(params)
+        self.lr, self.weight_decay = lr, weight_decay
+        self.moment_bits, self.group_size = moment_bits, group_size
+        self.generator = generator
+        self.steps = 0
+        self.weights: list[QuantizedTensor] = [quantize(p.detach(), bits=WEIGHT_BITS, group_size=group_size)
+                                               for p in self.params]
+        zeros = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.exp_avg = [quantize(z, bits=moment_bits, group_size=group_size) for z in zeros]
+        self.exp_avg_sqrt = [quantize(z, bits=moment_bits, group_size=group_size) for z in zeros]
+        self._load()
+
+    @torch.no_grad()
+    def _load(self) -> None:
+        for p, q in zip(self.params, self.weights):
+            p.copy_(q.dequantize(p.dtype))
+
+    def stored_bytes(self) -> int:
+        """Bytes of the quantized weights and moments (integers + scales)."""
+        return sum(q.nbytes for q in (*self.weights, *self.exp_avg, *self.exp_avg_sqrt))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        b1, b2 = ADAM_BETAS
+        t = self.steps
+        for i, p in enumerate(self.params):
+            g = p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+            w = self.weights[i].dequantize(torch.float32)
+            m = self.exp_avg[i].dequantize(torch.float32).mul_(b1).add_(g, alpha=1 - b1)
+            v = self.exp_avg_sqrt[i].dequantize(torch.float32).square_().mul_(b2).addcmul_(g, g, value=1 - b2)
+            w.mul_(1 - self.lr * self.weight_decay)
+            denom = (v.sqrt() / (1 - b2 ** t) ** 0.5).add_(ADAM_EPS)
+            w.addcdiv_(m, denom, value=-self.lr / (1 - b1 ** t))
+            self.weights[i] = stochastic_quantize(w, WEIGHT_BITS, self.group_size, self.generator)
+            self.exp_avg[i] = quantize(m, bits=self.moment_bits, group_size=self.group_size)
+            self.exp_avg_sqrt[i] = quantize(v.sqrt_(), bits=self.moment_bits, group_size=self.group_size)
+            if p.grad is not None:
+                p.grad.zero_()
+        self._load()
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedLayout:
+    """What an FMQ participant holds (bytes).
+
+    Attributes:
+        memory_bytes: the device memory it was sized for.
+        moment_bits: precision of the stored AdamW moments.
+        fixed_bytes: non-expert weights + their training state + routing counts.
+        expert_weight_bytes: int4 expert stacks (+ float biases where the experts have them).
+        moment_bytes: quantized moments of the expert stacks (+ float bias training state).
+        working_bytes: one expert's float W, G, m, v (the largest layer's expert).
+    """
+
+    memory_bytes: int
+    moment_bits: int
+    fixed_bytes: int
+    expert_weight_bytes: int
+    moment_bytes: int
+    working_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.fixed_bytes + self.expert_weight_bytes + self.moment_bytes + self.working_bytes
+
+
+def quantized_layout(handle, memory_bytes: int, dense: list[nn.Parameter],
+                     moment_bits: Optional[int] = None) -> QuantizedLayout:
+    """The FMQ memory layout for ``memory_bytes``: 8-bit moments if they fit, else 4-bit.
+
+    Args:
+        dense: the non-expert parameters that train.
+        moment_bits: force 8 or 4 (still checked against the memory).
+
+    Raises:
+        ValueError: negative memory, or not even 4-bit moments fit (the message names the bytes).
+    """
+    from flux.moe import LayerLayout, estimate_memory
+
+    if memory_bytes < 0:
+        raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
+    choices = MOMENT_BITS_CHOICES if moment_bits is None else (moment_bits,)
+    float_report = estimate_memory(handle, None, optimizer="adamw", train_experts=False, trainable=dense)
+    fixed = float_report.total - float_report.details["expert_weights"]
+    # one expert at a time: its dequantized W, its gradient and the float m, v of its update
+    working = max(4 * row["weights"] // layer.num_experts
+                  for row, layer in zip(float_report.details["per_layer"], handle.moe_layers))
+    layouts = []
+    for bits in choices:
+        weights = moments = 0
+        for l, layer in enumerate(handle.moe_layers):
+            e = layer.num_experts
+            el = layer.source.dtype.itemsize
+            bias = e * (2 * layer.intermediate_size + layer.hidden_size) * el if layer.source.has_bias else 0
+            index = 4 * e  # the view's group index; not part of a weight stack
+
+            def stack_bytes(b: int) -> int:  # quantized gate_up + down (+ float biases)
+                lay = LayerLayout(tuned=0, merged_groups=e, quantize_bits=b, quantize_group_size=GROUP_SIZE,
+                                  keep_originals=False)
+                rep = estimate_memory(handle, {l: lay}, optimizer="adamw", train_experts=False)
+                return rep.details["per_layer"][l]["weights"] - index
+
+            weights += stack_bytes(WEIGHT_BITS)
+            moments += 2 * (stack_bytes(bits) - bias) + 3 * bias  # biases train in float AdamW
+        layouts.append(QuantizedLayout(memory_bytes, bits, fixed, weights, moments, working))
+        if layouts[-1].total <= memory_bytes:
+            return layouts[-1]
+    raise ValueError(f"memory_bytes={memory_bytes}: FMQ needs at least {layouts[-1].total} bytes "
+                     f"({layouts[-1].moment_bits}-bit moments: {layouts[-1]})")
+
+
+class FMQMethod(Method):
+    """Every participant trains every expert through int4 weights (module docstring)."""
+
+    name = "fmq"
+
+    def __init__(self) -> None:
+        self.layouts: dict[int, QuantizedLayout] = {}
+        self._by_memory: dict[int, QuantizedLayout] = {}
+        self.last_optimizer: Optional[QuantizedAdamW] = None  # for inspection (tests, debugging)
+
+    def setup(self, ctx: RunContext) -> None:
+        for pid in range(len(ctx.devices)):
+            self.layout_for(ctx, pid)
+
+    def layout_for(self, ctx: RunContext, pid: int) -> QuantizedLayout:
+        if pid not in self.layouts:
+            memory = int(ctx.devices[pid].memory_bytes)
+            if memory not in self._by_memory:
+                self._by_memory[memory] = quantized_layout(ctx.work.handle, memory, list(self._dense(ctx).values()))
+            self.layouts[pid] = self._by_memory[memory]
+        return self.layouts[pid]
+
+    def local_update(self, ctx: RunContext, round_idx: int, pid: int, plan: Any, profile: Any) -> Update:
+        from flux.merging.install import drop_model, uninstall
+
+        cfg, work = ctx.cfg, ctx.work
+        handle, model = work.handle, work.model
+        layers = handle.moe_layers
+        layout = self.layout_for(ctx, pid)
+        t0 = time.perf_counter()
+        # every expert its own trainable group: the view's stacks are the dequantized working copy
+        drop_model(handle, [list(range(layer.num_experts)) for layer in layers], trainable=True)
+        try:
+            dense = self._dense(ctx)
+            stacks = [p for layer in layers for p in (layer.view.tuned_gate_up, layer.view.tuned_down)]
+            biases = [p for layer in layers for p in (layer.view.tuned_gate_up_bias, layer.view.tuned_down_bias)
+                      if p is not None]
+            trainable = {**dense, **{f"__bias{i}": p for i, p in enumerate(biases)},
+                         **{f"__stack{i}": p for i, p in enumerate(stacks)}}
+            set_requires_grad(model, trainable)
+            opt = QuantizedAdamW(stacks, lr=cfg.lr, moment_bits=layout.moment_bits,
+                                 generator=participant_generator(cfg.seed, round_idx, pid, stream=ROUNDING_STREAM))
+            self.last_optimizer = opt
+            before_dense = snapshot(dense)
+            handle.reset_counts()
+            overhead_s = time.perf_counter() - t0
+            # the quantized update runs right after the backward, before the float optimizer step
+            stats = self._train(ctx, round_idx, pid, [*dense.values(), *biases],
+                                on_micro_batch=lambda mb, n, j: opt.step())
+            t1 = time.perf_counter()
+            tokens = expert_tokens(handle)
+            deltas = {}
+            for l, layer in enumerate(layers):
+                for e, w in layer.tuned_weights().items():
+                    if (l, e) in tokens:
+                        deltas[(l, e)] = expert_delta(w, layer.source.expert(e))
+            dense_deltas = {k: p.detach() - before_dense[k] for k, p in dense.items()}
+            restore(dense, before_dense)
+            overhead_s += time.perf_counter() - t1
+        finally:
+            uninstall(handle, write_back=False)
+            set_requires_grad(model, None)
+        bytes_up = tensor_bytes(t for d in deltas.values() for t in d.values()) + tensor_bytes(dense_deltas.values())
+        return Update(
+            participant=pid, expert_deltas=deltas, expert_tokens=tokens, dense_deltas=dense_deltas,
+            num_samples=len(stats.samples), utilities={},
+            stats={"compute_s": stats.seconds, "loss": stats.losses[-1] if stats.losses else float("nan"),
+                   "bytes_up": bytes_up, "bytes_down": model_weight_bytes(model),
+                   "peak_memory_bytes": layout.total, "profile_s": 0.0, "overhead_s": overhead_s,
+                   "offload_bytes": 0, "moment_bits": layout.moment_bits},
+        )

@@ -1,0 +1,242 @@
+"""``flux bench``: time-to-accuracy of FLUX against the baselines, same data, model, seeds and
+participant profiles, over several settings.
+
+Config (TOML, e.g. ``benchmarks/tta.toml``)::
+
+    methods = ["fedavg", "fmd", "fmq", "fmes", "flux"]
+    seeds = [0, 1]
+    [base]                      # RunConfig keys shared by every run
+    rounds = 10
+    [[settings]]
+    name = "multiemo-mixtral"
+    [settings.config]           # RunConfig keys of this setting (dotted or nested)
+    dataset.name = "multiemo"
+
+Every (setting, method, seed) is one ``flux run`` into ``DIR/runs/<setting>/<method>/seed<s>``
+(already finished runs are reused, so an interrupted bench continues where it stopped).  Results:
+``DIR/results.json`` ({setting: {method: {reached, rounds_to_target, tta_sim_s, tta_wall_s,
+final_accuracy, peak_memory_bytes, bytes_moved, ...}}}, medians over seeds), ``DIR/table.md`` and
+``DIR/tta.png`` (accuracy over simulated time, one curve per method, the target as a line).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+BASELINE_METHODS = ("fmd", "fmq", "fmes")  # the approaches FLUX replaces (fedavg has no memory limit)
+ALL_METHODS = ("fedavg", "fmd", "fmq", "fmes", "flux")
+
+
+class BenchConfigError(ValueError):
+    """A bad bench config; the message names the key."""
+
+
+def _flatten(prefix: str, obj: Any, out: list[str]) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out.append(f"{prefix}={json.dumps(obj)}")
+
+
+def overrides_of(*tables: dict) -> list[str]:
+    """``key=value`` overrides (values as TOML/JSON literals) for ``flux.federation.config.load_config``."""
+    out: list[str] = []
+    for table in tables:
+        _flatten("", table, out)
+    return out
+
+
+def load_bench_config(path: str | Path, *, methods: Optional[Sequence[str]] = None) -> dict:
+    with open(path, "rb") as fh:
+        raw = tomllib.load(fh)
+    unknown = set(raw) - {"methods", "seeds", "base", "settings"}
+    if unknown:
+        raise BenchConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: methods, seeds, base, settings")
+    chosen = list(methods) if methods else list(raw.get("methods", ALL_METHODS))
+    bad = [m for m in chosen if m not in ALL_METHODS]
+    if bad:
+        raise BenchConfigError(f"methods: unknown {bad}; known: {list(ALL_METHODS)}")
+    seeds = raw.get("seeds", [0])
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise BenchConfigError(f"seeds: must be a non-empty list of ints, got {seeds!r}")
+    settings = raw.get("settings") or [{"name": "default", "config": {}}]
+    for i, s in enumerate(settings):
+        if "name" not in s:
+            raise BenchConfigError(f"settings[{i}].name is missing")
+    return {"methods": chosen, "seeds": seeds, "base": raw.get("base", {}), "settings": settings}
+
+
+def run_one(setting: dict, base: dict, method: str, seed: int, out: Path, *, progress: bool) -> dict:
+    """One run (reused if its summary exists); returns summary + per-round metrics."""
+    from flux.federation.config import load_config
+    from flux.federation.metrics import read_metrics
+    from flux.federation.runner import run
+
+    if not (out / "summary.json").exists():
+        cfg = load_config(None, overrides_of(base, setting.get("config", {}), {"method": method, "seed": seed}))
+        resume = (out / "checkpoints").exists()
+        run(cfg, out, resume=resume, progress=progress)
+    return {"summary": json.loads((out / "summary.json").read_text()), "metrics": read_metrics(out)}
+
+
+def _median(xs: list) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(runs: list[dict], target: float) -> dict:
+    """Medians over seeds of one (setting, method)."""
+    tta_sim, tta_wall, rounds = [], [], []
+    for r in runs:
+        tta = r["summary"]["time_to_accuracy"]
+        tta_sim.append(tta["sim_s"] if tta else None)
+        tta_wall.append(tta["wall_s"] if tta else None)
+        rounds.append(tta.get("round") if tta else None)
+    reached = sum(t is not None for t in tta_sim)
+    half = reached * 2 > len(runs)  # the median seed reached the target
+    return {
+        "reached": half,
+        "reached_seeds": f"{reached}/{len(runs)}",
+        "rounds_to_target": _median(rounds) if half else None,
+        "tta_sim_s": _median(tta_sim) if half else None,
+        "tta_wall_s": _median(tta_wall) if half else None,
+        "final_accuracy": _median([r["summary"]["final_accuracy"] for r in runs]),
+        "best_accuracy": _median([r["summary"]["best_accuracy"] for r in runs]),
+        "peak_memory_bytes": _median([r["summary"]["peak_memory_bytes"] for r in runs]),
+        "bytes_moved": _median([r["summary"]["bytes_up"] + r["summary"]["bytes_down"] + r["summary"]["offload_bytes"]
+                                for r in runs]),
+        "sim_s": _median([r["summary"]["sim_s"] for r in runs]),
+        "wall_s": _median([r["summary"]["wall_s"] for r in runs]),
+        "overhead_fraction": _median([r["summary"].get("overhead_fraction") for r in runs]),
+        "seeds": len(runs),
+    }
+
+
+def speedups(results: dict) -> dict:
+    """Per setting: FLUX's simulated TTA speedup over the fastest baseline (fmd/fmq/fmes) that
+    reached the target, and its final-accuracy gap to fedavg."""
+    out = {}
+    for setting, by_method in results.items():
+        flux_r = by_method.get("flux")
+        base = {m: r for m, r in by_method.items() if m in BASELINE_METHODS and r["reached"]}
+        best = min(base.items(), key=lambda kv: kv[1]["tta_sim_s"]) if base else None
+        entry: dict = {"best_baseline": best[0] if best else None}
+        if flux_r and flux_r["reached"] and best:
+            entry["flux_speedup_sim"] = best[1]["tta_sim_s"] / flux_r["tta_sim_s"]
+            entry["flux_speedup_wall"] = best[1]["tta_wall_s"] / flux_r["tta_wall_s"]
+        if flux_r and "fedavg" in by_method and flux_r["final_accuracy"] is not None:
+            entry["flux_minus_fedavg_final_accuracy"] = flux_r["final_accuracy"] - by_method["fedavg"]["final_accuracy"]
+        out[setting] = entry
+    return out
+
+
+def bench_table(results: dict, gains: dict, targets: dict) -> str:
+    lines = []
+    for setting, by_method in results.items():
+        lines.append(f"### {setting} (target accuracy {targets[setting]:.2f})\n")
+        lines.append("| method | reached | rounds | TTA sim (s) | TTA wall (s) | final acc | peak mem (MB) | moved (MB) |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for m, r in by_method.items():
+            fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+            lines.append(f"| {m} | {r['reached_seeds']} | {fmt(r['rounds_to_target'], '.0f')} | "
+                         f"{fmt(r['tta_sim_s'], '.1f')} | {fmt(r['tta_wall_s'], '.1f')} | "
+                         f"{fmt(r['final_accuracy'], '.3f')} | {r['peak_memory_bytes'] / 2**20:.1f} | "
+                         f"{r['bytes_moved'] / 2**20:.1f} |")
+        g = gains.get(setting, {})
+        if "flux_speedup_sim" in g:
+            lines.append(f"\nFLUX vs best baseline ({g['best_baseline']}): {g['flux_speedup_sim']:.2f}x faster "
+                         f"(simulated), {g['flux_speedup_wall']:.2f}x (wall).")
+        elif g.get("best_baseline") is None:
+            lines.append("\nNo baseline reached the target.")
+        else:
+            lines.append("\nFLUX did not reach the target.")
+        if "flux_minus_fedavg_final_accuracy" in g:
+            lines.append(f"FLUX final accuracy - fedavg: {g['flux_minus_fedavg_final_accuracy'] * 100:+.1f} points.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_tta(curves: dict, targets: dict, path: Path) -> None:
+    """One panel per setting: accuracy over simulated time, one curve per method (first seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(curves)
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
+    for ax, (setting, by_method) in zip(axes[0], curves.items()):
+        for m, rows in by_method.items():
+            pts = [(r["sim_s"], r["accuracy"]) for r in rows if r.get("accuracy") is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=m)
+        ax.axhline(targets[setting], color="grey", linestyle="--", label="target")
+        ax.set_title(setting)
+        ax.set_xlabel("simulated time (s)")
+        ax.set_ylabel("test accuracy")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional[Sequence[str]] = None,
+              progress: bool = True) -> dict:
+    from flux.federation.config import load_config
+    from flux.federation.metrics import write_json_atomic
+
+    bench = load_bench_config(config_path, methods=methods)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results, curves, targets = {}, {}, {}
+    t0 = time.perf_counter()
+    for setting in bench["settings"]:
+        name = setting["name"]
+        cfg0 = load_config(None, overrides_of(bench["base"], setting.get("config", {})))
+        targets[name] = cfg0.target_accuracy
+        results[name], curves[name] = {}, {}
+        for method in bench["methods"]:
+            runs = []
+            for seed in bench["seeds"]:
+                if progress:
+                    print(f"[flux bench] {name} / {method} / seed {seed}  ({time.perf_counter() - t0:.0f} s)",
+                          file=sys.stderr, flush=True)
+                runs.append(run_one(setting, bench["base"], method, seed,
+                                    out / "runs" / name / method / f"seed{seed}", progress=progress))
+            results[name][method] = summarize(runs, targets[name])
+            curves[name][method] = runs[0]["metrics"]
+    gains = speedups(results)
+    doc = {"results": results, "flux_vs_baselines": gains, "targets": targets, "methods": bench["methods"],
+           "seeds": bench["seeds"], "config": str(config_path), "seconds": time.perf_counter() - t0}
+    write_json_atomic(out / "results.json", doc)
+    (out / "table.md").write_text(bench_table(results, gains, targets))
+    plot_tta(curves, targets, out / "tta.png")
+    return doc
+
+
+def add_bench_arguments(parser) -> None:
+    parser.add_argument("--config", default="benchmarks/tta.toml", help="bench config (TOML)")
+    parser.add_argument("--out", default="runs/bench", help="output directory (runs are reused on re-run)")
+    parser.add_argument("--methods", help="comma-separated subset, e.g. flux,fmd")
+    parser.add_argument("--quiet", action="store_true")
+    parser.set_defaults(func=bench_command)
+
+
+def bench_command(args) -> int:
+    from flux.federation.config import ConfigError
+
+    try:
+        doc = run_bench(args.config, args.out, methods=args.methods.split(",") if args.methods else None,
+                        progress=not args.quiet)
+    except (BenchConfigError, ConfigError) as exc:
+        print(f"flux bench: bad config: {exc}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "table.md").read_text())
+    print(f"flux bench: {doc['seconds']:.0f} s; results in {args.out}/ (results.json, table.md, tta.png)")
+    return 0

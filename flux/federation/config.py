@@ -1,0 +1,399 @@
+"""Run configuration for ``flux run [--config FILE.toml] [--set key=value ...]``.
+
+A :class:`RunConfig` is built from defaults, then a TOML file, then ``--set`` overrides (later
+wins).  Every problem raises :class:`ConfigError` naming the dotted key, so the CLI can print one
+clear line and exit with status 2.  The writer (:func:`config_to_toml`) is hand-written because
+``tomli_w`` is not installed; its output loads back to an equal config.
+
+Only the standard library is imported here (no torch): parsing a config must stay fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+METHODS = ("flux", "fedavg", "fmd", "fmq", "fmes")
+NON_EXPERT_MODES = ("frozen", "head", "tuned")
+PARTITIONS = ("iid", "dirichlet", "domain")  # flux.data.partition.SCHEMES
+MERGE_MODES = ("freq_attn", "freq", "avg")  # flux.merging.merge.MERGE_MODES
+EXPLORATION = ("zo", "backprop")
+ASSIGNMENTS = ("round_robin",)
+PROFILE_BITS = (4, 8)
+MIN_VOCAB = 259  # flux.data.tokenizer: 256 byte tokens + 3 specials
+
+
+class ConfigError(ValueError):
+    """A bad config value; ``key`` is the dotted key (e.g. ``"faults.dropout"``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+
+# ---------------------------------------------------------------------------- the schema
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str = "multiemo"
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    min_size: int = 8
+    max_examples: int = 2000
+    seq_len: int = 64
+    test_fraction: float = 0.2
+    vocab_size: int = 4096
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "mixtral-tiny"
+    pretrain_steps: int = 300
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    classes: list[str] = field(default_factory=lambda: ["rtx4090-24gb", "rtx3060-12gb"])
+    profiles: list[dict] = field(default_factory=list)
+    assignment: str = "round_robin"
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    profile_bits: int = 4
+    stale_profiling: bool = True
+    merge_mode: str = "freq_attn"
+    epsilon_start: float = 0.3
+    epsilon_end: float = 0.9
+    epsilon_rounds: int = 10
+    exploration: str = "zo"
+    zo_sigma: float = 1e-3
+    zo_perturbations: int = 8
+    max_tune_fraction: float = 0.25
+    utility_micro_batches: int = 4
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    dropout: float = 0.0
+    deadline_s: float = 0.0
+    rank_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 1
+    keep: int = 2
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str = "flux"
+    rounds: int = 12
+    participants: int = 8
+    participants_per_round: int = 4
+    local_steps: int = 4
+    batch_size: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    deterministic: bool = True
+    target_accuracy: float = 0.5
+    eval_every: int = 1
+    non_expert: str = "head"
+    threads: int = 0
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    flux: FluxConfig = field(default_factory=FluxConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ---------------------------------------------------------------------------- loading
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults <- TOML file ``path`` <- ``overrides`` ("a.b=value"), validated.
+
+    Override values are parsed as TOML values (``3``, ``1e-3``, ``true``, ``"x"``, ``[1, 2]``,
+    ``{a = 1}``), then as JSON (so ``json.dumps`` output works too); anything else is taken as a
+    bare string (``--set method=fedavg``).  Tables given as values merge into what is there.
+
+    Raises:
+        ConfigError: unknown key, wrong type, out-of-range value, or a TOML syntax error.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        with open(path, "rb") as fh:
+            try:
+                raw = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError("", f"{path}: invalid TOML: {exc}") from None
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", parsed value)`` (see :func:`load_config`)."""
+    if "=" not in item:
+        raise ConfigError(item.strip(), f"override {item!r} must look like key=value")
+    key, text = item.split("=", 1)
+    key, text = key.strip(), text.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(key, f"override {item!r} has an empty key")
+    return key, _parse_value(text)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # a bare word: a string
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), f"is a value, not a table; cannot set {key}")
+        node = child
+    last = parts[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        _deep_merge(node[last], value)
+    else:
+        node[last] = value
+
+
+def _deep_merge(into: dict, new: Mapping) -> None:
+    for k, v in new.items():
+        if isinstance(v, Mapping) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def _dotted(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from the table ``raw``, checking names and types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix, f"must be a table, got {_type_name(raw)} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        dotted = _dotted(prefix, key)
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {_dotted(prefix, close[0])!r}?" if close else ""
+            known = ", ".join(names)
+            raise ConfigError(dotted, f"unknown key{hint} (known in {prefix or 'the top level'}: {known})")
+        values[key] = _coerce(hints[key], value, dotted)
+    return cls(**values)
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, key)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {_type_name(value)} {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {_type_name(value)} {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {_type_name(value)} {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {_type_name(value)} {value!r}")
+        return value
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table, got {_type_name(value)} {value!r}")
+        return dict(value)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {_type_name(value)} {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"config schema: unsupported field type {kind!r} for {key}")  # a bug here, not a user error
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
+            dict: "table"}.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------------------- validation
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _one_of(value: Any, choices: Sequence, key: str) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}{hint}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range and consistency checks; raises :class:`ConfigError` naming the first bad key."""
+    _one_of(cfg.method, METHODS, "method")
+    _check(cfg.rounds >= 1, "rounds", f"must be >= 1, got {cfg.rounds}")
+    _check(cfg.participants >= 1, "participants", f"must be >= 1, got {cfg.participants}")
+    _check(1 <= cfg.participants_per_round <= cfg.participants, "participants_per_round",
+           f"must be in [1, participants={cfg.participants}], got {cfg.participants_per_round}")
+    _check(cfg.local_steps >= 1, "local_steps", f"must be >= 1, got {cfg.local_steps}")
+    _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
+    _check(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", f"must be a finite number > 0, got {cfg.lr}")
+    _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    _check(0 < cfg.target_accuracy <= 1, "target_accuracy", f"must be in (0, 1], got {cfg.target_accuracy}")
+    _check(cfg.eval_every >= 1, "eval_every", f"must be >= 1, got {cfg.eval_every}")
+    _one_of(cfg.non_expert, NON_EXPERT_MODES, "non_expert")
+    _check(cfg.threads >= 0, "threads", f"must be >= 0 (0 = torch default), got {cfg.threads}")
+
+    d = cfg.dataset
+    _check(bool(d.name.strip()), "dataset.name", "must not be empty")
+    _one_of(d.partition, PARTITIONS, "dataset.partition")
+    _check(math.isfinite(d.alpha) and d.alpha > 0, "dataset.alpha", f"must be > 0, got {d.alpha}")
+    _check(d.min_size >= 0, "dataset.min_size", f"must be >= 0, got {d.min_size}")
+    _check(d.max_examples >= 0, "dataset.max_examples", f"must be >= 0 (0 = all), got {d.max_examples}")
+    _check(d.seq_len >= 2, "dataset.seq_len", f"must be >= 2, got {d.seq_len}")
+    _check(0 < d.test_fraction < 1, "dataset.test_fraction", f"must be in (0, 1), got {d.test_fraction}")
+    _check(d.vocab_size >= MIN_VOCAB, "dataset.vocab_size",
+           f"must be >= {MIN_VOCAB} (256 byte tokens + 3 specials), got {d.vocab_size}")
+
+    m = cfg.model
+    _check(bool(m.preset.strip()), "model.preset", "must not be empty")
+    _check(m.pretrain_steps >= 0, "model.pretrain_steps", f"must be >= 0, got {m.pretrain_steps}")
+
+    _validate_devices(cfg.devices)
+
+    f = cfg.flux
+    _one_of(f.profile_bits, PROFILE_BITS, "flux.profile_bits")
+    _one_of(f.merge_mode, MERGE_MODES, "flux.merge_mode")
+    for name in ("epsilon_start", "epsilon_end"):
+        v = getattr(f, name)
+        _check(0 <= v <= 1, f"flux.{name}", f"must be in [0, 1], got {v}")
+    _check(f.epsilon_rounds >= 1, "flux.epsilon_rounds", f"must be >= 1, got {f.epsilon_rounds}")
+    _one_of(f.exploration, EXPLORATION, "flux.exploration")
+    _check(math.isfinite(f.zo_sigma) and f.zo_sigma > 0, "flux.zo_sigma", f"must be > 0, got {f.zo_sigma}")
+    _check(f.zo_perturbations >= 1, "flux.zo_perturbations", f"must be >= 1, got {f.zo_perturbations}")
+    _check(0 < f.max_tune_fraction <= 1, "flux.max_tune_fraction", f"must be in (0, 1], got {f.max_tune_fraction}")
+    _check(f.utility_micro_batches >= 1, "flux.utility_micro_batches", f"must be >= 1, got {f.utility_micro_batches}")
+
+    x = cfg.faults
+    _check(0 <= x.dropout < 1, "faults.dropout", f"must be in [0, 1), got {x.dropout}")
+    _check(x.deadline_s >= 0, "faults.deadline_s", f"must be >= 0 (0 = no deadline), got {x.deadline_s}")
+    _check(x.rank_timeout_s > 0, "faults.rank_timeout_s", f"must be > 0, got {x.rank_timeout_s}")
+
+    c = cfg.checkpoint
+    _check(c.every >= 0, "checkpoint.every", f"must be >= 0 (0 = never), got {c.every}")
+    _check(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
+
+
+def _validate_devices(dev: DevicesConfig) -> None:
+    from flux.federation.profiles import DEVICE_CLASSES, profile_from_dict
+
+    _one_of(dev.assignment, ASSIGNMENTS, "devices.assignment")
+    if dev.profiles:
+        for i, p in enumerate(dev.profiles):
+            profile_from_dict(p, f"devices.profiles[{i}]")
+        return
+    _check(len(dev.classes) >= 1, "devices.classes", "must name at least one device class (or give devices.profiles)")
+    for name in dev.classes:
+        _one_of(name, tuple(DEVICE_CLASSES), "devices.classes")
+
+
+# ---------------------------------------------------------------------------- writing
+def config_to_dict(cfg: RunConfig) -> dict:
+    """Plain nested dict (JSON/TOML-ready) of ``cfg``; lists and dicts are copies."""
+    return dataclasses.asdict(cfg)
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def config_to_toml(cfg: RunConfig) -> str:
+    """TOML text of ``cfg`` (every key, defaults included); ``load_config`` reads it back equal."""
+    data = config_to_dict(cfg)
+    lines = []
+    tables = []
+    for key, value in data.items():
+        if isinstance(value, dict) and dataclasses.is_dataclass(getattr(cfg, key)):
+            tables.append((key, value))
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for name, table in tables:
+        lines.append("")
+        lines.append(f"[{name}]")
+        for key, value in table.items():
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else _toml_string(key)
+
+
+def _toml_string(s: str) -> str:
+    out = ['"']
+    for ch in s:
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)  # shortest round-tripping form; always has '.', 'e' or is inf/nan
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise ConfigError("", f"cannot write {type(value).__name__} {value!r} as TOML")

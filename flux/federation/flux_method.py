@@ -1,0 +1,285 @@
+"""The FLUX method on the engine: profile -> roles -> merge -> train tuning experts -> upload.
+
+Per round and sampled participant:
+
+1. the profile (quantized, forward-only; one round stale when ``flux.stale_profiling``) gives
+   per-layer activation frequencies and attention scores on the participant's data;
+2. the server (every rank, identically) scores experts and assigns roles under the participant's
+   tuning budget (Eq. 3/4, epsilon schedule);
+3. the participant merges its non-tuning experts into its merged-group budget (Eq. 1/2) and
+   installs the merged view: tuning experts are the trainable groups;
+4. local training; the uploaded update holds only the tuning experts' deltas (merged experts are
+   lossy local copies and never leave the participant), weighted by the tokens routed to them.
+
+Utility bookkeeping (decided here; PAPER.md leaves it open).  Eq. 3 needs per-sample gradient
+norms of each tuning expert.  Each local mini-batch of B samples is split into ``m`` micro-batches
+(``flux.utility_micro_batches``); the increment of a tuning group's gradient over micro-batch c,
+times B, is the sum of that micro-batch's per-sample gradients, and sum_c ||B inc_c||^2 estimates
+sum_k ||g_k||^2 (exact for m = B; unbiased when per-sample gradients are uncorrelated).  |D_e| is
+the number of trained samples the profile routes to e.  Experts a participant did not tune
+recently are scored by their current activation share times the participant's ratio kappa of
+measured utility to activation share over the experts it did tune (round 1: kappa = 1, i.e. the
+paper's normalised-frequency utility).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flux.federation.aggregate import Update
+from flux.federation.local import participant_generator, restore, snapshot
+from flux.federation.methods import Method, RunContext, expert_delta, expert_tokens, model_weight_bytes, tensor_bytes
+from flux.federation.workload import set_requires_grad
+
+# Measured utilities older than this many rounds give way to the frequency-based prediction.
+UTILITY_TTL_ROUNDS = 3
+
+
+class FluxMethod(Method):
+    name = "flux"
+    needs_profiles = True
+
+    def __init__(self) -> None:
+        self.budgets: dict[int, Any] = {}
+        self.measured: dict[int, dict[tuple[int, int], tuple[int, float]]] = {}
+        self.kappa: dict[int, float] = {}
+
+    # ------------------------------------------------------------------ server side
+    def setup(self, ctx: RunContext) -> None:
+        from flux.moe.budget import budgets_from_memory
+
+        dense = list(self._dense(ctx).values())
+        by_memory: dict[int, Any] = {}
+        for pid, dev in enumerate(ctx.devices):
+            if dev.memory_bytes not in by_memory:
+                by_memory[dev.memory_bytes] = budgets_from_memory(
+                    ctx.work.handle, dev.memory_bytes, optimizer="adamw", trainable=dense,
+                    max_tune_fraction=ctx.cfg.flux.max_tune_fraction)
+            self.budgets[pid] = by_memory[dev.memory_bytes]
+
+    def schedule(self, ctx: RunContext):
+        from flux.roles import EpsilonSchedule
+
+        f = ctx.cfg.flux
+        return EpsilonSchedule(start=f.epsilon_start, end=f.epsilon_end, rounds=f.epsilon_rounds)
+
+    def utilities(self, round_idx: int, pid: int, profile) -> list[Tensor]:
+        """Per layer float64 [E]: measured Eq. 3 utility where recent, else kappa * activation share."""
+        from flux.roles import activation_utilities
+
+        shares = activation_utilities(profile.frequencies())
+        kappa = self.kappa.get(pid, 1.0)
+        utils = [s * kappa for s in shares]
+        for (l, e), (r, u) in self.measured.get(pid, {}).items():
+            if round_idx - r <= UTILITY_TTL_ROUNDS:
+                utils[l][e] = u
+        return utils
+
+    def plan(self, ctx: RunContext, round_idx: int, sampled: list[int], profiles: dict[int, Any]) -> dict[int, Any]:
+        from flux.roles import assign_roles
+
+        utils = [self.utilities(round_idx, pid, profiles[pid]) for pid in sampled]
+        budgets = [self.budgets[pid].tune for pid in sampled]
+        gen = participant_generator(ctx.cfg.seed, round_idx, 0, stream=1)
+        roles = assign_roles(utils, budgets, round_idx=round_idx, schedule=self.schedule(ctx), generator=gen)
+        return dict(zip(sampled, roles))
+
+    def observe(self, ctx: RunContext, round_idx: int, updates: list[Update]) -> None:
+        for u in updates:
+            if not u.utilities:
+                continue
+            mine = self.measured.setdefault(u.participant, {})
+            for key, val in u.utilities.items():
+                mine[key] = (round_idx, float(val))
+            share = u.stats.get("tuned_share", 0.0)
+            if share > 0:
+                self.kappa[u.participant] = float(sum(u.utilities.values())) / share
+
+    def state_dict(self) -> dict:
+        return {"measured": self.measured, "kappa": self.kappa}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.measured = {int(k): dict(v) for k, v in state["measured"].items()}
+        self.kappa = {int(k): float(v) for k, v in state["kappa"].items()}
+
+    # ------------------------------------------------------------------ participant side
+    def merged_total(self, pid: int, tuning: list[list[int]], num_experts: list[int]) -> int:
+        """The participant's merged-group budget, clamped to what the layout allows."""
+        non_tuning = [e - len(t) for e, t in zip(num_experts, tuning)]
+        low = sum(1 for n in non_tuning if n > 0)
+        return max(low, min(self.budgets[pid].merged, sum(non_tuning)))
+
+    def local_update(self, ctx: RunContext, round_idx: int, pid: int, roles: Any, profile: Any) -> Update:
+        from flux.merging.install import merge_model
+        from flux.moe import LayerLayout, estimate_memory
+        from flux.roles import activation_utilities
+
+        cfg, work = ctx.cfg, ctx.work
+        handle, model = work.handle, work.model
+        layers = handle.moe_layers
+        t0 = time.perf_counter()
+        tuning = [sorted(t.tolist()) for t in roles.tuning]
+        zo = cfg.flux.exploration == "zo"
+        explore = [sorted(x.tolist()) for x in roles.exploration] if zo else [[] for _ in layers]
+        num_experts = [layer.num_experts for layer in layers]
+        plans = merge_model(handle, tuning, profile.frequencies(), profile.attention_scores(),
+                            total_budget=self.merged_total(pid, tuning, num_experts),
+                            mode=cfg.flux.merge_mode, seed=cfg.seed, frozen_tuning=explore)
+        merge_s = time.perf_counter() - t0
+        try:
+            dense = self._dense(ctx)
+            view_params = {f"__view{l}.{i}": p for l, layer in enumerate(layers)
+                           for i, p in enumerate(layer.trainable_parameters())}
+            trainable = {**dense, **view_params}
+            set_requires_grad(model, trainable)
+            before_dense = snapshot(dense)
+            tracker = _GradTracker(layers)
+            explorer = _ZerothOrderExplorer(model, layers, explore, sigma=cfg.flux.zo_sigma,
+                                            perturbations=cfg.flux.zo_perturbations, lr=cfg.lr,
+                                            generator=participant_generator(cfg.seed, round_idx, pid, stream=4))
+            handle.reset_counts()
+            stats = self._train(ctx, round_idx, pid, list(trainable.values()),
+                                micro_batches=cfg.flux.utility_micro_batches,
+                                on_micro_batch=tracker, on_step=explorer if explorer.rows else None)
+            t1 = time.perf_counter()
+            tokens_all = expert_tokens(handle)
+            deltas, tokens = {}, {}
+            for l, layer in enumerate(layers):
+                current = {**layer.tuned_weights(), **explorer.weights(l)}
+                for e, w in current.items():
+                    deltas[(l, e)] = expert_delta(w, layer.expert_weights(e))
+                    tokens[(l, e)] = tokens_all.get((l, e), 0)
+            utilities = self._utilities(profile, stats.samples, tracker, layers)
+            utilities.update(explorer.utilities(profile, stats.samples))
+            shares = activation_utilities(profile.frequencies())
+            tuned_share = float(sum(float(shares[l][e]) for l, e in utilities))
+            dense_deltas = {k: p.detach() - before_dense[k] for k, p in dense.items()}
+            restore(dense, before_dense)
+            layouts = [LayerLayout(tuned=p.num_tuning, merged_groups=p.num_groups - p.num_tuning, keep_originals=False)
+                       for p in plans]
+            peak = estimate_memory(handle, layouts, optimizer="adamw", train_experts=False,
+                                   trainable=list(dense.values())).total
+            overhead_s = merge_s + (time.perf_counter() - t1)
+        finally:
+            for layer in layers:
+                if layer.view is not None:
+                    layer.remove_view(write_back=False)
+            set_requires_grad(model, None)
+        bytes_up = tensor_bytes(t for d in deltas.values() for t in d.values()) + tensor_bytes(dense_deltas.values())
+        return Update(
+            participant=pid, expert_deltas=deltas, expert_tokens=tokens, dense_deltas=dense_deltas,
+            num_samples=len(stats.samples), utilities=utilities,
+            stats={"compute_s": stats.seconds, "loss": stats.losses[-1] if stats.losses else float("nan"),
+                   "bytes_up": bytes_up, "bytes_down": model_weight_bytes(model), "peak_memory_bytes": peak,
+                   "profile_s": float(getattr(profile, "seconds", 0.0)), "overhead_s": overhead_s,
+                   "offload_bytes": 0, "tuned_share": tuned_share,
+                   "num_tuning": sum(len(t) for t in tuning),
+                   "num_merged": sum(p.num_groups - p.num_tuning for p in plans)},
+        )
+
+    @staticmethod
+    def _utilities(profile, samples: list[int], tracker: "_GradTracker", layers) -> dict:
+        """Eq. 3 per backprop-tuned expert: sqrt(|D_e| * sum_k ||g_k||^2)."""
+        seen = torch.tensor(sorted(set(samples)), dtype=torch.long)
+        out = {}
+        for l, layer in enumerate(layers):
+            view = layer.view
+            if view is None:
+                continue
+            prof = profile.layers[l]
+            rows = prof.sample_tokens[seen] if seen.numel() and prof.sample_tokens.shape[0] else None
+            for g, e in enumerate(view.tuned_experts):
+                d_e = int((rows[:, e] > 0).sum()) if rows is not None else 0
+                sq = tracker.sq_norms[l][g] if tracker.sq_norms.get(l) is not None else 0.0
+                out[(l, e)] = float((d_e * float(sq)) ** 0.5)
+        return out
+
+
+class _ZerothOrderExplorer:
+    """Forward-only (SPSA) updates of exploration experts installed as frozen groups.
+
+    After every optimizer step: g = mean_j (L(W + xi_j) - L(W)) / sigma^2 xi_j on the same
+    mini-batch (``flux.roles.spsa_gradient``, all exploration experts perturbed together), then
+    W <- W - lr g.  No weight-gradient of these experts is ever computed.  Their utility uses
+    Sum_k ||g_k||^2 ~ (B ||g||)^2 * n / (n + d + 1): the factor removes the noise that inflates
+    an n-sample estimate's squared norm in dimension d (E||g_hat||^2 = ||g||^2 (n + d + 1) / n
+    for Gaussian perturbations and a linear loss).
+    """
+
+    def __init__(self, model, layers, explore: list[list[int]], *, sigma: float, perturbations: int, lr: float,
+                 generator: torch.Generator) -> None:
+        self.model, self.layers = model, layers
+        self.sigma, self.n, self.lr, self.generator = sigma, perturbations, lr, generator
+        self.rows = [(l, e) for l, ex in enumerate(explore) for e in ex]
+        self.sq: dict[tuple[int, int], float] = {}
+
+    def _live(self) -> dict[str, Tensor]:
+        out = {}
+        for l, e in self.rows:
+            view = self.layers[l].view
+            w = view.group_weights(view.expert_to_group[e])  # shares storage with the frozen stack
+            out[f"{l}.{e}.gate_up"], out[f"{l}.{e}.down"] = w.gate_up, w.down
+        return out
+
+    def __call__(self, batch: dict) -> None:
+        from flux.federation.local import classification_loss
+        from flux.roles import spsa_gradient
+
+        live = self._live()
+        base = {k: t.clone() for k, t in live.items()}
+
+        def loss_at(ws: dict) -> Tensor:
+            for k, t in live.items():
+                t.copy_(ws[k])
+            return classification_loss(self.model, batch)
+
+        with torch.no_grad():
+            est = spsa_gradient(loss_at, base, sigma=self.sigma, num_perturbations=self.n, generator=self.generator)
+            for k, t in live.items():
+                t.copy_(base[k] - self.lr * est[k])
+        b = batch["labels"].shape[0]
+        for l, e in self.rows:
+            g = [est[f"{l}.{e}.gate_up"], est[f"{l}.{e}.down"]]
+            d = sum(x.numel() for x in g)
+            sq = sum(float(x.double().pow(2).sum()) for x in g) * self.n / (self.n + d + 1)
+            self.sq[(l, e)] = self.sq.get((l, e), 0.0) + sq * b * b
+
+    def weights(self, layer: int) -> dict:
+        view = self.layers[layer].view
+        return {e: view.group_weights(view.expert_to_group[e]) for l, e in self.rows if l == layer}
+
+    def utilities(self, profile, samples: list[int]) -> dict:
+        seen = torch.tensor(sorted(set(samples)), dtype=torch.long)
+        out = {}
+        for l, e in self.rows:
+            rows = profile.layers[l].sample_tokens[seen] if seen.numel() else None
+            d_e = int((rows[:, e] > 0).sum()) if rows is not None else 0
+            out[(l, e)] = float((d_e * self.sq.get((l, e), 0.0)) ** 0.5)
+        return out
+
+
+class _GradTracker:
+    """After each micro-batch: sum over micro-batches of ||B * (grad increment)||^2 per tuning group."""
+
+    def __init__(self, layers) -> None:
+        self.layers = layers
+        self.prev: dict[int, list[Tensor]] = {}
+        self.sq_norms: dict[int, Tensor] = {}
+
+    def __call__(self, micro_batch: dict, batch_size: int, index: int) -> None:
+        for l, layer in enumerate(self.layers):
+            view = layer.view
+            if view is None or view.num_tuned == 0:
+                continue
+            grads = [p.grad for p in view.trainable_parameters()]
+            if any(g is None for g in grads):
+                continue
+            # grads hold the step's running sum; they were zeroed before micro-batch 0
+            cur = [g.detach().clone() for g in grads]
+            inc = cur if index == 0 else [c - p for c, p in zip(cur, self.prev[l])]
+            sq = sum((i.float() * batch_size).pow(2).flatten(1).sum(1) for i in inc)
+            self.sq_norms[l] = self.sq_norms.get(l, torch.zeros_like(sq)) + sq
+            self.prev[l] = cur

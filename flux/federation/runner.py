@@ -1,0 +1,435 @@
+"""The round loop of a federated run (``flux run``).
+
+Every rank executes the same loop on the same inputs; only the participants differ (rank r
+trains the sampled participants at positions r, r + W, ... of the round's sorted sample).  The
+server's decisions (sampling, dropout, roles, aggregation) are computed identically on every rank
+from gathered data, so no rank has to broadcast decisions, and W = 1 and W = 2 give bit-identical
+global weights in deterministic mode (single-threaded kernels, fixed summation order).
+
+Round r:
+    sample -> profiles (stale: computed during round r-1 on round r-1's model) -> gather ->
+    roles -> local updates -> gather -> validate (reject NaN/Inf/shape) -> deadline -> expert-wise
+    aggregation -> apply -> evaluate (rank 0) -> clocks, metrics, atomic checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from flux.federation import distributed as fd
+from flux.federation.config import ConfigError, RunConfig, config_to_toml
+
+
+class RankFailure(RuntimeError):
+    """A collective failed: another rank died or stopped answering within faults.rank_timeout_s."""
+
+
+# ---------------------------------------------------------------------------- deterministic draws
+def _uniform(seed: int, round_idx: int, pid: int, stream: int) -> float:
+    from flux.federation.local import participant_generator
+
+    return float(torch.rand(1, generator=participant_generator(seed, round_idx, pid, stream)))
+
+
+def sample_participants(cfg: RunConfig, round_idx: int) -> list[int]:
+    """The round's participants: a seeded draw without replacement, sorted."""
+    from flux.federation.local import participant_generator
+
+    gen = participant_generator(cfg.seed, round_idx, 0, stream=2)
+    return sorted(torch.randperm(cfg.participants, generator=gen)[: cfg.participants_per_round].tolist())
+
+
+def dropped_participants(cfg: RunConfig, round_idx: int, sampled: list[int]) -> list[int]:
+    """Simulated dropout: each sampled participant fails this round with probability faults.dropout."""
+    if cfg.faults.dropout <= 0:
+        return []
+    return [pid for pid in sampled if _uniform(cfg.seed, round_idx, pid, 3) < cfg.faults.dropout]
+
+
+def my_share(sampled: list[int], rank: int, world: int) -> list[int]:
+    return [pid for i, pid in enumerate(sampled) if i % world == rank]
+
+
+def model_sha256(model: torch.nn.Module) -> str:
+    """Hash of every parameter and buffer, by name, in sorted order (bitwise identity of runs)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- the run
+@dataclasses.dataclass
+class RunState:
+    """What a checkpoint restores."""
+
+    next_round: int = 0
+    wall_s: float = 0.0
+    sim_s: float = 0.0
+    profiles: dict = dataclasses.field(default_factory=dict)
+    # download accounting: the round each participant last received the global model, and the
+    # global tensors each round changed (a participant fetches only what changed since its sync)
+    last_sync: dict = dataclasses.field(default_factory=dict)
+    changed: dict = dataclasses.field(default_factory=dict)
+
+
+def configure_threads(cfg: RunConfig) -> None:
+    if cfg.deterministic:
+        # Bitwise reproducibility across rank layouts: kernels must not split reductions by thread.
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
+class Run:
+    """One rank's view of a run; :meth:`execute` runs the remaining rounds."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, *, resume: bool, progress: bool) -> None:
+        from flux.federation.clock import SimClock, measure_matmul_flops
+        from flux.federation.methods import RunContext, make_method
+        from flux.federation.profiles import participant_profiles
+        from flux.federation.workload import build_workload
+
+        self.cfg = cfg
+        self.out = out_dir
+        self.rank, self.world = fd.rank_and_world()
+        self.lead = self.rank == 0
+        self.progress = progress and self.lead
+        self.work = build_workload(cfg, progress=self.progress)
+        self.devices = participant_profiles(cfg.devices, cfg.participants, self.work.model_params)
+        # One throughput for all ranks (rank 0's), so the simulated clock does not depend on layout.
+        self.machine_flops = fd.broadcast(measure_matmul_flops() if self.lead else None)
+        self.clock = SimClock(self.machine_flops)
+        self.method = make_method(cfg.method)
+        self.ctx = RunContext(cfg=cfg, work=self.work, devices=self.devices, rank=self.rank, world=self.world)
+        try:
+            self.method.setup(self.ctx)
+        except ValueError as exc:  # a budget the devices cannot meet: a config problem
+            raise ConfigError("devices", f"{cfg.method} cannot run on these devices: {exc}") from exc
+        self.sizes = self._tensor_sizes()
+        self.state = RunState()
+        self.profiler = None
+        self.pending: dict[int, Any] = {}  # pid -> Future[ModelProfile] for the next round
+        if resume:
+            self._restore()
+        if self.lead:
+            from flux.federation.metrics import MetricsWriter
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.toml").write_text(config_to_toml(cfg))
+            self.metrics = MetricsWriter(self.out)
+            self.metrics.truncate_after(self.state.next_round)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _restore(self) -> None:
+        from flux.federation.checkpoint import load_latest, set_rng_state
+
+        found = load_latest(self.out)
+        if found is None:
+            if self.lead:
+                print(f"flux run: no checkpoint in {self.out}/checkpoints; starting from round 1", file=sys.stderr)
+            return
+        _, state = found
+        self.work.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        self.state = RunState(next_round=state["next_round"], wall_s=state["wall_s"], sim_s=state["sim_s"],
+                              profiles=state.get("profiles", {}), last_sync=state["last_sync"],
+                              changed=state["changed"])
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        if self.lead:
+            print(f"flux run: resumed from round {self.state.next_round} ({self.out}/checkpoints)", file=sys.stderr)
+
+    def _checkpoint(self, next_round: int, profiles: dict) -> None:
+        from flux.federation.checkpoint import rng_state, save_checkpoint
+
+        if not self.lead:
+            return
+        state = {"model": self.work.model.state_dict(), "method": self.method.state_dict(), "next_round": next_round,
+                 "wall_s": self.state.wall_s, "sim_s": self.state.sim_s, "profiles": profiles, "rng": rng_state(),
+                 "last_sync": self.state.last_sync, "changed": self.state.changed}
+        if self.cfg.checkpoint.every and (next_round % self.cfg.checkpoint.every == 0 or next_round == self.cfg.rounds):
+            save_checkpoint(self.out, next_round, state, keep=self.cfg.checkpoint.keep)
+
+    # ------------------------------------------------------------------ downloads
+    def _tensor_sizes(self) -> dict:
+        """Bytes of every global tensor a round can change: (layer, expert) and dense names."""
+        sizes = {}
+        for l, layer in enumerate(self.work.handle.moe_layers):
+            for e in range(layer.num_experts):
+                w = layer.expert_weights(e)
+                sizes[(l, e)] = sum(t.numel() * t.element_size() for t in (w.gate_up, w.down, w.gate_up_bias,
+                                                                           w.down_bias) if t is not None)
+        for name, p in self.method._dense(self.ctx).items():
+            sizes[name] = p.numel() * p.element_size()
+        return sizes
+
+    def download_bytes(self, pid: int, round_idx: int) -> int:
+        """What participant ``pid`` fetches at the start of ``round_idx``: the whole model the first
+        time, afterwards the global tensors changed since its last sync (it keeps its copy)."""
+        from flux.federation.methods import model_weight_bytes
+
+        last = self.state.last_sync.get(pid)
+        if last is None:
+            return model_weight_bytes(self.work.model)
+        keys = set().union(*(self.state.changed.get(r, set()) for r in range(last, round_idx)))
+        return int(sum(self.sizes[k] for k in keys))
+
+    # ------------------------------------------------------------------ profiles
+    def _profile_now(self, pid: int, round_idx: int):
+        from flux.profiling import profile_model
+
+        data = self.work.train[pid]
+        return profile_model(self.work.model.backbone, data.batches(64, shuffle=False, generator=None),
+                             bits=self.cfg.flux.profile_bits, num_samples=len(data))
+
+    def _submit_profiles(self, round_idx: int) -> None:
+        """Stale profiling: start round ``round_idx``'s profiles now, on the current global model."""
+        from flux.profiling import StaleProfiler
+
+        if self.profiler is None:
+            self.profiler = StaleProfiler()
+        sampled = sample_participants(self.cfg, round_idx)
+        for pid in my_share(sampled, self.rank, self.world):
+            data = self.work.train[pid]
+            self.pending[pid] = self.profiler.submit(self.work.model.backbone,
+                                                     data.batches(64, shuffle=False, generator=None),
+                                                     bits=self.cfg.flux.profile_bits, num_samples=len(data))
+
+    def _profiles_for(self, round_idx: int, sampled: list[int]) -> dict:
+        mine = {}
+        for pid in my_share(sampled, self.rank, self.world):
+            if pid in self.state.profiles:
+                mine[pid] = self.state.profiles.pop(pid)
+            elif pid in self.pending:
+                mine[pid] = self.pending.pop(pid).result()
+            else:
+                mine[pid] = self._profile_now(pid, round_idx)
+        return fd.all_gather_dict(mine)
+
+    def _collect_pending(self) -> dict:
+        """Wait for the next round's profiles (they go into the checkpoint)."""
+        done = {pid: fut.result() for pid, fut in self.pending.items()}
+        self.pending = {}
+        return fd.all_gather_dict(done)
+
+    # ------------------------------------------------------------------ one round
+    def round(self, r: int) -> dict:
+        from flux.federation.aggregate import aggregate, apply_expert_deltas, gather_updates, validate_update
+        from flux.federation.clock import ParticipantTime, round_time
+        from flux.federation.local import evaluate
+
+        cfg, work = self.cfg, self.work
+        t0 = time.perf_counter()
+        sampled = sample_participants(cfg, r)
+        dropped = set(dropped_participants(cfg, r, sampled))
+        profiles: dict = {}
+        if self.method.needs_profiles:
+            profiles = self._profiles_for(r, sampled)
+            if cfg.flux.stale_profiling and r + 1 < cfg.rounds:
+                self._submit_profiles(r + 1)
+        plans = self.method.plan(self.ctx, r, sampled, profiles)
+        local = []
+        for pid in my_share(sampled, self.rank, self.world):
+            if pid in dropped:
+                continue
+            local.append(self.method.local_update(self.ctx, r, pid, plans[pid], profiles.get(pid)))
+        updates = gather_updates(local)
+
+        t_agg = time.perf_counter()
+        layer0 = work.handle.moe_layers[0]
+        h, i = layer0.hidden_size, layer0.intermediate_size
+        expert_shapes = {"gate_up": torch.Size([2 * i, h]), "down": torch.Size([h, i])}
+        if layer0.source.has_bias:
+            expert_shapes.update(gate_up_bias=torch.Size([2 * i]), down_bias=torch.Size([h]))
+        num_experts = [layer.num_experts for layer in work.handle.moe_layers]
+        dense = self.method._dense(self.ctx)
+        dense_shapes = {k: p.shape for k, p in dense.items()}
+        accepted, rejected, times = [], [], {}
+        for u in updates:
+            reason = validate_update(u, expert_shapes, dense_shapes, num_experts=num_experts)
+            if reason is not None:
+                rejected.append({"participant": u.participant, "reason": reason})
+                if self.lead:
+                    print(f"round {r + 1}: rejected the update of participant {u.participant}: {reason}", file=sys.stderr)
+                continue
+            dev = self.devices[u.participant]
+            s = u.stats
+            s["bytes_down"] = self.download_bytes(u.participant, r)
+            pt = ParticipantTime(
+                download_s=self.clock.transfer(s["bytes_down"], dev.network_bytes_per_s),
+                profile_s=self.clock.compute(s.get("profile_s", 0.0), dev),
+                compute_s=self.clock.compute(s["compute_s"] + s.get("overhead_s", 0.0), dev),
+                offload_s=self.clock.transfer(s.get("offload_bytes", 0), dev.host_link_bytes_per_s),
+                upload_s=self.clock.transfer(s["bytes_up"], dev.network_bytes_per_s),
+            )
+            stale = self.method.needs_profiles and cfg.flux.stale_profiling and r > 0
+            total = pt.total if stale else pt.total + pt.profile_s
+            if cfg.faults.deadline_s and total > cfg.faults.deadline_s:
+                rejected.append({"participant": u.participant, "reason": f"missed the {cfg.faults.deadline_s} s deadline"})
+                continue
+            times[u.participant] = pt
+            accepted.append(u)
+        expert_mean, dense_mean = aggregate(accepted)
+        self.state.changed[r] = set(expert_mean) | {k for k, v in dense_mean.items()}
+        for pid in sampled:
+            if pid not in dropped:
+                self.state.last_sync[pid] = r
+        apply_expert_deltas(work.handle, expert_mean)
+        with torch.no_grad():
+            for name, delta in dense_mean.items():
+                dense[name].add_(delta.to(dense[name].dtype))
+        self.method.observe(self.ctx, r, accepted)
+        aggregation_s = time.perf_counter() - t_agg
+
+        stale = self.method.needs_profiles and cfg.flux.stale_profiling and r > 0
+        sim_round = round_time(list(times.values()), aggregation_s, stale_profiling=stale) if times else aggregation_s
+        if cfg.faults.deadline_s and any(x["reason"].startswith("missed") for x in rejected):
+            sim_round = max(sim_round, cfg.faults.deadline_s)
+        if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
+            result = evaluate(work.model, work.test) if self.lead else None
+            result = fd.broadcast(result)
+        else:
+            result = {"accuracy": None, "loss": None}
+        next_profiles = self._collect_pending() if (self.pending or self.world > 1) and self.method.needs_profiles else {}
+        self.state.sim_s += sim_round
+        self.state.wall_s += time.perf_counter() - t0
+        record = {
+            "round": r + 1, "wall_s": round(self.state.wall_s, 3), "sim_s": round(self.state.sim_s, 3),
+            "accuracy": result["accuracy"], "loss": result["loss"],
+            "train_loss": _mean([u.stats.get("loss") for u in accepted]),
+            "participants": sampled, "dropped": sorted(dropped | {x["participant"] for x in rejected}),
+            "rejected": rejected,
+            "bytes_up": int(sum(u.stats["bytes_up"] for u in accepted)),
+            "bytes_down": int(sum(u.stats["bytes_down"] for u in accepted)),
+            "peak_memory_bytes": int(max((u.stats["peak_memory_bytes"] for u in accepted), default=0)),
+            "round_sim_s": round(sim_round, 4),
+            "compute_s": round(sum(u.stats["compute_s"] for u in accepted), 4),
+            "overhead_s": round(sum(u.stats.get("overhead_s", 0.0) + u.stats.get("profile_s", 0.0)
+                                    for u in accepted), 4),
+            "offload_bytes": int(sum(u.stats.get("offload_bytes", 0) for u in accepted)),
+        }
+        if self.lead:
+            self.metrics.append(record)
+        self.state.profiles = next_profiles
+        self._checkpoint(r + 1, next_profiles)
+        return record
+
+    def execute(self) -> Optional[dict]:
+        from tqdm import tqdm
+
+        from flux.federation.metrics import progress_line
+
+        cfg = self.cfg
+        bar = tqdm(total=cfg.rounds, initial=self.state.next_round, desc=f"flux run [{cfg.method}]",
+                   disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        try:
+            for r in range(self.state.next_round, cfg.rounds):
+                record = self.round(r)
+                bar.update(1)
+                bar.set_postfix_str(progress_line(record))
+        finally:
+            bar.close()
+            if self.profiler is not None:
+                self.profiler.close()
+        return self.finish() if self.lead else None
+
+    def finish(self) -> dict:
+        from flux.federation.metrics import plot_accuracy, read_metrics, result_table, time_to_accuracy, write_json_atomic
+
+        records = read_metrics(self.out)
+        tta = time_to_accuracy(records, self.cfg.target_accuracy)
+        accs = [x["accuracy"] for x in records if x.get("accuracy") is not None]
+        overhead = sum(x.get("overhead_s", 0.0) for x in records)
+        compute = sum(x.get("compute_s", 0.0) for x in records)
+        summary = {
+            "method": self.cfg.method,
+            "target": self.cfg.target_accuracy,
+            "time_to_accuracy": None if tta is None else {"wall_s": tta["wall_s"], "sim_s": tta["sim_s"],
+                                                          "round": tta["round"]},
+            "final_accuracy": accs[-1] if accs else None,
+            "best_accuracy": max(accs) if accs else None,
+            "rounds": len(records),
+            "model_sha256": model_sha256(self.work.model),
+            "wall_s": records[-1]["wall_s"] if records else 0.0,
+            "sim_s": records[-1]["sim_s"] if records else 0.0,
+            "peak_memory_bytes": max((x.get("peak_memory_bytes", 0) for x in records), default=0),
+            "bytes_up": sum(x.get("bytes_up", 0) for x in records),
+            "bytes_down": sum(x.get("bytes_down", 0) for x in records),
+            "offload_bytes": sum(x.get("offload_bytes", 0) for x in records),
+            "overhead_fraction": overhead / (overhead + compute) if overhead + compute > 0 else 0.0,
+            "world_size": self.world,
+            "machine_flops": self.machine_flops,
+            "devices": sorted({d.name for d in self.devices}),
+            "model_params": self.work.model_params,
+            "pretrain": {k: v for k, v in self.work.pretrain_info.items() if isinstance(v, (int, float, str, bool))},
+        }
+        write_json_atomic(self.out / "summary.json", summary)
+        plot_accuracy(records, self.out / "accuracy.png", target=self.cfg.target_accuracy,
+                      title=f"{self.cfg.method} on {self.cfg.dataset.name}")
+        (self.out / "table.md").write_text(result_table(records, summary))
+        return summary
+
+
+def _mean(xs) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+# ---------------------------------------------------------------------------- entry points
+def _rank_main(rank: int, world: int, init_method: Optional[str], cfg: RunConfig, out_dir: str, resume: bool,
+               progress: bool) -> Optional[dict]:
+    configure_threads(cfg)
+    device = torch.device("cpu")
+    fd.init_group(rank, world, timeout_s=cfg.faults.rank_timeout_s, device=device, init_method=init_method)
+    try:
+        return Run(cfg, Path(out_dir), resume=resume, progress=progress).execute()
+    except RuntimeError as exc:
+        if world > 1 and _is_collective_failure(exc):
+            raise RankFailure(
+                f"rank {rank}: a collective failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
+                f"another rank probably died or stalled (faults.rank_timeout_s={cfg.faults.rank_timeout_s})") from exc
+        raise
+    finally:
+        fd.shutdown()
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(w in text for w in ("gloo", "nccl", "timed out", "timeout", "connection", "peer", "closed", "distbackend"))
+
+
+def _spawned(rank: int, world: int, init_method: str, cfg: RunConfig, out_dir: str, resume: bool, progress: bool) -> None:
+    _rank_main(rank, world, init_method, cfg, out_dir, resume, progress)
+
+
+def run(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, nproc: int = 1,
+        progress: bool = True) -> Optional[dict]:
+    """Run (or resume) a federated job; returns the summary on the lead process.
+
+    ``nproc`` > 1 spawns that many local ranks; under ``torchrun`` the launcher's ranks are used
+    and ``nproc`` must be 1 (the default)."""
+    out = Path(out_dir)
+    if fd.under_torchrun():
+        if nproc not in (1, None):
+            raise ValueError("under torchrun the launcher sets the ranks: drop --nproc")
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        return _rank_main(rank, world, None, cfg, str(out), resume, progress)
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if nproc == 1:
+        return _rank_main(0, 1, None, cfg, str(out), resume, progress)
+    fd.spawn(_spawned, nproc, (cfg, str(out), resume, progress))
+    from flux.federation.metrics import read_metrics  # noqa: F401  (summary written by rank 0)
+    import json
+
+    return json.loads((out / "summary.json").read_text())

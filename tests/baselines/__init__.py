@@ -1,0 +1,87 @@
+"""Small hand-built pieces for the baseline tests: a tiny Mixtral classifier, a tiny encoded
+dataset and a RunContext (the engine's objects, reduced to the fields the methods use)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+import flux
+
+HIDDEN, INTER, EXPERTS, LAYERS, SEQ = 64, 64, 8, 2, 12
+
+
+class TinyClassifier(nn.Module):
+    """``head(masked mean of lm's last hidden state)``: the MoEClassifier contract."""
+
+    def __init__(self, lm: nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.lm = lm
+        self.head = nn.Linear(lm.config.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1).clamp(min=1.0)).float()
+
+
+class TinyData:
+    """EncodedDataset contract: ``batches`` yields input_ids, attention_mask, labels, index."""
+
+    def __init__(self, n: int, vocab: int, labels: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(1, vocab, (n, SEQ), generator=g)
+        self.attention_mask = torch.ones(n, SEQ, dtype=torch.int64)
+        self.labels = torch.randint(0, labels, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def batches(self, batch_size: int, *, shuffle: bool, generator=None):
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            yield {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx],
+                   "labels": self.labels[idx], "index": idx}
+
+
+def tiny_model(seed: int = 0) -> TinyClassifier:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=EXPERTS,
+                        num_experts_per_tok=2, initializer_range=0.1)
+    cfg._attn_implementation = "eager"
+    return TinyClassifier(MixtralForCausalLM(cfg), num_labels=3)
+
+
+def tiny_context(memory: list[int] | None = None, *, steps: int = 2, seed: int = 0):
+    """(RunContext, work) for participants with the given device memory (bytes)."""
+    from flux.federation.methods import RunContext
+
+    model = tiny_model(seed)
+    handle = flux.patch(model.lm)
+    memory = memory or [1 << 40]
+    work = SimpleNamespace(model=model, handle=handle,
+                           train=[TinyData(16, 128, 3, seed=100 + p) for p in range(len(memory))])
+    cfg = SimpleNamespace(lr=1e-3, local_steps=steps, batch_size=4, seed=seed, non_expert="head",
+                          flux=SimpleNamespace())
+    devices = [SimpleNamespace(name=f"dev{p}", memory_bytes=m) for p, m in enumerate(memory)]
+    return RunContext(cfg=cfg, work=work, devices=devices), work
+
+
+def expert_bytes() -> int:
+    """fp32 bytes of one expert's weights (gate_up [2I, H] + down [H, I])."""
+    return 3 * HIDDEN * INTER * 4
+
+
+def global_experts(handle) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Clones of every layer's (gate_up [E, 2I, H], down [E, H, I])."""
+    out = []
+    for layer in handle.moe_layers:
+        gu, dn, _, _ = layer.source.full_stacks()
+        out.append((gu.detach().clone(), dn.detach().clone()))
+    return out
