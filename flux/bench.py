@@ -186,8 +186,15 @@ def plot_tta(curves: dict, targets: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _run_one_quiet(args: tuple) -> dict:
+    setting, base, method, seed, out = args
+    return run_one(setting, base, method, seed, out, progress=False)
+
+
 def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional[Sequence[str]] = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, jobs: int = 1) -> dict:
+    """Run every (setting, method, seed); ``jobs`` > 1 runs that many in parallel processes
+    (deterministic runs are single-threaded, so ``jobs`` = cores uses the machine)."""
     from flux.federation.config import load_config
     from flux.federation.metrics import write_json_atomic
 
@@ -196,21 +203,41 @@ def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional
     out.mkdir(parents=True, exist_ok=True)
     results, curves, targets = {}, {}, {}
     t0 = time.perf_counter()
+    tasks = []
     for setting in bench["settings"]:
         name = setting["name"]
-        cfg0 = load_config(None, overrides_of(bench["base"], setting.get("config", {})))
-        targets[name] = cfg0.target_accuracy
-        results[name], curves[name] = {}, {}
+        # validates the setting before anything runs
+        targets[name] = load_config(None, overrides_of(bench["base"], setting.get("config", {}))).target_accuracy
         for method in bench["methods"]:
-            runs = []
             for seed in bench["seeds"]:
+                tasks.append((setting, bench["base"], method, seed, out / "runs" / name / method / f"seed{seed}"))
+    if jobs > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_one_quiet, t): t for t in tasks}
+            done = {}
+            for fut in cf.as_completed(futures):
+                setting, _, method, seed, _ = futures[fut]
+                done[(setting["name"], method, seed)] = fut.result()
                 if progress:
-                    print(f"[flux bench] {name} / {method} / seed {seed}  ({time.perf_counter() - t0:.0f} s)",
-                          file=sys.stderr, flush=True)
-                runs.append(run_one(setting, bench["base"], method, seed,
-                                    out / "runs" / name / method / f"seed{seed}", progress=progress))
-            results[name][method] = summarize(runs, targets[name])
-            curves[name][method] = runs[0]["metrics"]
+                    print(f"[flux bench] {len(done)}/{len(tasks)} done: {setting['name']} / {method} / seed {seed} "
+                          f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        outcomes = [done[(t[0]["name"], t[2], t[3])] for t in tasks]
+    else:
+        outcomes = []
+        for setting, base, method, seed, run_dir in tasks:
+            if progress:
+                print(f"[flux bench] {setting['name']} / {method} / seed {seed}  ({time.perf_counter() - t0:.0f} s)",
+                      file=sys.stderr, flush=True)
+            outcomes.append(run_one(setting, base, method, seed, run_dir, progress=progress))
+    for (setting, _, method, _, _), outcome in zip(tasks, outcomes):
+        name = setting["name"]
+        results.setdefault(name, {}).setdefault(method, []).append(outcome)
+    for name, by_method in results.items():
+        curves[name] = {m: runs[0]["metrics"] for m, runs in by_method.items()}
+        results[name] = {m: summarize(runs, targets[name]) for m, runs in by_method.items()}
     gains = speedups(results)
     doc = {"results": results, "flux_vs_baselines": gains, "targets": targets, "methods": bench["methods"],
            "seeds": bench["seeds"], "config": str(config_path), "seconds": time.perf_counter() - t0}
@@ -224,6 +251,7 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--config", default="benchmarks/tta.toml", help="bench config (TOML)")
     parser.add_argument("--out", default="runs/bench", help="output directory (runs are reused on re-run)")
     parser.add_argument("--methods", help="comma-separated subset, e.g. flux,fmd")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes); e.g. the core count")
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=bench_command)
 
@@ -233,7 +261,7 @@ def bench_command(args) -> int:
 
     try:
         doc = run_bench(args.config, args.out, methods=args.methods.split(",") if args.methods else None,
-                        progress=not args.quiet)
+                        progress=not args.quiet, jobs=args.jobs)
     except (BenchConfigError, ConfigError) as exc:
         print(f"flux bench: bad config: {exc}", file=sys.stderr)
         return 2

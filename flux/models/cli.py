@@ -67,12 +67,12 @@ def _print_routing(lm, tokenizer, args: argparse.Namespace) -> None:
     domains = sorted({e.domain for e in reviews})
     by_domain = {d: lm_blocks(tokenizer, [e.text for e in reviews if e.domain == d][:200], seq_len=args.seq_len)
                  for d in domains}
-    print("layer  model       max_share  variance   entropy  domain_JS")
+    print("moe_layer  model       max_share  variance   entropy  domain_JS")
     for label, model in (("random", build_lm(lm.config, seed=args.seed)), ("pretrained", lm)):
         per_domain = {d: routing_frequencies(model, b) for d, b in by_domain.items()}
         n_layers = len(next(iter(per_domain.values())))
         overall = [sum(per_domain[d][i] for d in domains) / len(domains) for i in range(n_layers)]
         for i, row in enumerate(routing_summary(overall)):
             js = [js_divergence(per_domain[a][i], per_domain[b][i]) for a, b in combinations(domains, 2)]
-            print(f"{i:5d}  {label:10s}  {row['max_share']:9.3f}  {row['variance']:.2e}  {row['entropy']:8.3f}  "
+            print(f"{i:9d}  {label:10s}  {row['max_share']:9.3f}  {row['variance']:.2e}  {row['entropy']:8.3f}  "
                   f"{sum(js) / len(js):9.4f}")
