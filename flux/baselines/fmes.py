@@ -28,7 +28,7 @@ from torch import Tensor
 
 from flux.federation.aggregate import Update
 from flux.federation.local import restore, snapshot
-from flux.federation.methods import Method, RunContext, expert_delta, expert_tokens, model_weight_bytes, tensor_bytes
+from flux.federation.methods import Method, RunContext, expert_delta, expert_tokens, make_update
 from flux.federation.workload import set_requires_grad
 
 
@@ -142,12 +142,6 @@ class FMESMethod(Method):
             uninstall(handle, write_back=False)
             set_requires_grad(model, None)
         peak = kept_bytes(handle, [len(k) for k in keep], list(dense.values()))
-        bytes_up = tensor_bytes(t for d in deltas.values() for t in d.values()) + tensor_bytes(dense_deltas.values())
-        return Update(
-            participant=pid, expert_deltas=deltas, expert_tokens=tokens, dense_deltas=dense_deltas,
-            num_samples=len(stats.samples), utilities={},
-            stats={"compute_s": stats.seconds, "loss": stats.losses[-1] if stats.losses else float("nan"),
-                   "bytes_up": bytes_up, "bytes_down": model_weight_bytes(model), "peak_memory_bytes": peak,
-                   "profile_s": float(getattr(profile, "seconds", 0.0)), "overhead_s": overhead_s,
-                   "offload_bytes": 0, "num_kept": sum(len(k) for k in keep)},
-        )
+        return make_update(pid, stats, model, deltas, tokens, dense_deltas, peak_memory_bytes=peak,
+                           profile_s=float(getattr(profile, "seconds", 0.0)), overhead_s=overhead_s,
+                           num_kept=sum(len(k) for k in keep))

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from flux.federation.aggregate import Update
 from flux.federation.local import participant_generator, restore, snapshot
-from flux.federation.methods import Method, RunContext, expert_delta, expert_tokens, model_weight_bytes, tensor_bytes
+from flux.federation.methods import Method, RunContext, expert_delta, expert_tokens, make_update
 from flux.federation.workload import set_requires_grad
 from flux.ops import QuantizedTensor, quantize
 
@@ -253,12 +253,5 @@ class FMQMethod(Method):
         finally:
             uninstall(handle, write_back=False)
             set_requires_grad(model, None)
-        bytes_up = tensor_bytes(t for d in deltas.values() for t in d.values()) + tensor_bytes(dense_deltas.values())
-        return Update(
-            participant=pid, expert_deltas=deltas, expert_tokens=tokens, dense_deltas=dense_deltas,
-            num_samples=len(stats.samples), utilities={},
-            stats={"compute_s": stats.seconds, "loss": stats.losses[-1] if stats.losses else float("nan"),
-                   "bytes_up": bytes_up, "bytes_down": model_weight_bytes(model),
-                   "peak_memory_bytes": layout.total, "profile_s": 0.0, "overhead_s": overhead_s,
-                   "offload_bytes": 0, "moment_bits": layout.moment_bits},
-        )
+        return make_update(pid, stats, model, deltas, tokens, dense_deltas, peak_memory_bytes=layout.total,
+                           overhead_s=overhead_s, moment_bits=layout.moment_bits)

@@ -107,6 +107,21 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    fsync_dir(target.parent)  # make the rename itself durable (a crash must not lose it)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory (its entries); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -22,41 +22,15 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from flux.data.cache import atomic_write_bytes
+
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "LATEST"
 _NAME = re.compile(r"^round-(\d{5,})\.pt$")
-_TMP_PREFIX = ".tmp-"
 
 
 def checkpoint_path(run_dir: str | os.PathLike, round_index: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"round-{round_index:05d}.pt"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.parent / f"{_TMP_PREFIX}{os.getpid()}-{path.name}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _rounds_on_disk(directory: Path) -> list[int]:
@@ -84,17 +58,15 @@ def save_checkpoint(run_dir: str | os.PathLike, round_index: int, state: dict, *
     path = checkpoint_path(run_dir, round_index)
     buf = io.BytesIO()
     torch.save(state, buf)
-    _atomic_write_bytes(path, buf.getvalue())
-    _atomic_write_bytes(directory / LATEST, f"{path.name}\n".encode())
+    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(directory / LATEST, f"{path.name}\n".encode())
     # Newer checkpoints belong to an abandoned timeline (a resumed run re-does those rounds).
     older = [r for r in _rounds_on_disk(directory) if r <= round_index]
     stale = [r for r in _rounds_on_disk(directory) if r > round_index] + older[:-keep]
     for r in stale:
         checkpoint_path(run_dir, r).unlink(missing_ok=True)
-    mine = f"{_TMP_PREFIX}{os.getpid()}-"
-    for p in directory.glob(f"{_TMP_PREFIX}*"):
-        if not p.name.startswith(mine):  # ours are gone already; others belong to dead writers
-            p.unlink(missing_ok=True)
+    for p in directory.glob(".*.tmp"):  # temp files of writers killed mid-write (ours are renamed)
+        p.unlink(missing_ok=True)
     return path
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from flux.federation.aggregate import Update
 from flux.federation.local import participant_generator, restore, snapshot
-from flux.federation.methods import Method, RunContext, expert_delta, expert_tokens, model_weight_bytes, tensor_bytes
+from flux.federation.methods import Method, RunContext, expert_delta, expert_tokens, make_update
 from flux.federation.workload import set_requires_grad
 
 # Measured utilities older than this many rounds give way to the frequency-based prediction.
@@ -168,17 +168,10 @@ class FluxMethod(Method):
                 if layer.view is not None:
                     layer.remove_view(write_back=False)
             set_requires_grad(model, None)
-        bytes_up = tensor_bytes(t for d in deltas.values() for t in d.values()) + tensor_bytes(dense_deltas.values())
-        return Update(
-            participant=pid, expert_deltas=deltas, expert_tokens=tokens, dense_deltas=dense_deltas,
-            num_samples=len(stats.samples), utilities=utilities,
-            stats={"compute_s": stats.seconds, "loss": stats.losses[-1] if stats.losses else float("nan"),
-                   "bytes_up": bytes_up, "bytes_down": model_weight_bytes(model), "peak_memory_bytes": peak,
-                   "profile_s": float(getattr(profile, "seconds", 0.0)), "overhead_s": overhead_s,
-                   "offload_bytes": 0, "tuned_share": tuned_share,
-                   "num_tuning": sum(len(t) for t in tuning),
-                   "num_merged": sum(p.num_groups - p.num_tuning for p in plans)},
-        )
+        return make_update(pid, stats, model, deltas, tokens, dense_deltas, peak_memory_bytes=peak,
+                           utilities=utilities, profile_s=float(getattr(profile, "seconds", 0.0)),
+                           overhead_s=overhead_s, tuned_share=tuned_share, num_tuning=sum(len(t) for t in tuning),
+                           num_merged=sum(p.num_groups - p.num_tuning for p in plans))
 
     @staticmethod
     def _utilities(profile, samples: list[int], tracker: "_GradTracker", layers) -> dict:

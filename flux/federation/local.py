@@ -131,23 +131,6 @@ def train_local(
     return LocalStats(losses=losses, seconds=time.perf_counter() - start, samples=seen)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data, batch_size: int = 128) -> dict:
-    """Accuracy and mean loss of ``model`` on an ``EncodedDataset``."""
-    was_training = model.training
-    model.eval()
-    correct, loss_sum, n = 0, 0.0, 0
-    try:
-        for batch in data.batches(batch_size, shuffle=False, generator=None):
-            logits = model(batch["input_ids"], batch["attention_mask"]).float()
-            loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-            n += batch["labels"].shape[0]
-    finally:
-        model.train(was_training)
-    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "samples": n}
-
-
 def snapshot(params: dict[str, Tensor]) -> dict[str, Tensor]:
     """Detached copies (the global values a participant starts from)."""
     return {k: v.detach().clone() for k, v in params.items()}

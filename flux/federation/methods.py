@@ -16,7 +16,6 @@ of participants.  ``fedavg`` and ``flux`` live here; the other baselines in ``fl
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Optional
 
 import torch
@@ -72,6 +71,28 @@ def expert_delta(after, before) -> dict[str, Tensor]:
         out["gate_up_bias"] = after.gate_up_bias.detach() - before.gate_up_bias.detach()
         out["down_bias"] = after.down_bias.detach() - before.down_bias.detach()
     return out
+
+
+def make_update(pid: int, stats, model: nn.Module, deltas: dict, tokens: dict, dense_deltas: dict, *,
+                peak_memory_bytes: int, utilities: Optional[dict] = None, profile_s: float = 0.0,
+                overhead_s: float = 0.0, offload_bytes: int = 0, **extra) -> Update:
+    """The :class:`Update` a participant uploads, with the stats every method reports.
+
+    Args:
+        stats: the ``LocalStats`` of its local training.
+        deltas: (layer, expert) -> {"gate_up" [2I, H], "down" [H, I]} weight differences.
+        tokens: (layer, expert) -> tokens routed there (the aggregation weights).
+        dense_deltas: name -> difference of each trained non-expert parameter.
+        extra: method-specific stats (numbers), kept in ``Update.stats``.
+    """
+    bytes_up = tensor_bytes(t for d in deltas.values() for t in d.values()) + tensor_bytes(dense_deltas.values())
+    return Update(
+        participant=pid, expert_deltas=deltas, expert_tokens=tokens, dense_deltas=dense_deltas,
+        num_samples=len(stats.samples), utilities=utilities or {},
+        stats={"compute_s": stats.seconds, "loss": stats.losses[-1] if stats.losses else float("nan"),
+               "bytes_up": bytes_up, "bytes_down": model_weight_bytes(model), "peak_memory_bytes": peak_memory_bytes,
+               "profile_s": profile_s, "overhead_s": overhead_s, "offload_bytes": offload_bytes, **extra},
+    )
 
 
 class Method:
@@ -148,15 +169,8 @@ class FedAvgMethod(Method):
         dense_deltas = {k: (p.detach() - before_dense[k]) for k, p in dense.items()}
         restore(trainable, saved_all)
         set_requires_grad(work.model, None)
-        bytes_up = tensor_bytes(t for d in deltas.values() for t in d.values()) + tensor_bytes(dense_deltas.values())
-        return Update(
-            participant=pid, expert_deltas=deltas, expert_tokens=tokens, dense_deltas=dense_deltas,
-            num_samples=len(stats.samples), utilities={},
-            stats={"compute_s": stats.seconds, "loss": stats.losses[-1] if stats.losses else float("nan"),
-                   "bytes_up": bytes_up, "bytes_down": model_weight_bytes(work.model),
-                   "peak_memory_bytes": self.peak_memory(ctx, dense), "profile_s": 0.0, "overhead_s": 0.0,
-                   "offload_bytes": 0},
-        )
+        return make_update(pid, stats, work.model, deltas, tokens, dense_deltas,
+                           peak_memory_bytes=self.peak_memory(ctx, dense))
 
 
 def make_method(name: str) -> Method:

@@ -13,40 +13,14 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from flux.data.cache import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{os.getpid()}-{path.name}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` (temp file + fsync + rename)."""
-    _write_atomic(Path(path), json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def _parse_lines(path: Path) -> list[dict]:
@@ -95,7 +69,7 @@ class MetricsWriter:
         records = _parse_lines(self.path)
         kept = [r for r in records if r.get("round", 0) <= last_round]
         if self.path.exists():
-            _write_atomic(self.path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
+            atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
         return len(kept)
 
 

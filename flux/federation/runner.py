@@ -226,7 +226,7 @@ class Run:
     def round(self, r: int) -> dict:
         from flux.federation.aggregate import aggregate, apply_expert_deltas, gather_updates, validate_update
         from flux.federation.clock import ParticipantTime, round_time
-        from flux.federation.local import evaluate
+        from flux.models import evaluate
 
         cfg, work = self.cfg, self.work
         t0 = time.perf_counter()

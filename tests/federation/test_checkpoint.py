@@ -34,10 +34,10 @@ def test_keeps_only_the_newest_and_ignores_temp_files(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["LATEST", "round-00004.pt", "round-00005.pt"]
     # a writer killed mid-save leaves a temp file: it is never loaded and the next save removes it
-    (tmp_path / "checkpoints" / ".tmp-99999-round-00006.pt").write_bytes(b"partial")
+    (tmp_path / "checkpoints" / ".round-00006.pt.k3j2x9.tmp").write_bytes(b"partial")
     assert load_latest(tmp_path)[0] == 5
     save_checkpoint(tmp_path, 6, state_of(6), keep=2)
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
 
 
 def test_corrupt_latest_falls_back_to_the_previous_one_with_a_warning(tmp_path):
@@ -66,12 +66,13 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
         real = os.replace
         def dying_replace(src, dst):
             os._exit(9)
-        ck.os.replace = dying_replace
+        import flux.data.cache as cache
+        cache.os.replace = dying_replace
         ck.save_checkpoint({str(tmp_path)!r}, 2, {{"next_round": 2, "w": torch.ones(1000)}})
     """)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert res.returncode == 9, res.stderr
-    leftovers = list((tmp_path / "checkpoints").glob(".tmp-*"))
+    leftovers = list((tmp_path / "checkpoints").glob(".*.tmp"))
     assert leftovers and leftovers[0].stat().st_size > 0  # the data was written, not renamed
     r, state = load_latest(tmp_path)
     assert r == 1 and state["next_round"] == 1
