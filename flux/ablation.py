@@ -10,7 +10,9 @@ Definitions (all errors relative, lower is better):
 * ``profiling_error[b]``: mean over layers of sum_e |f_e^(b) - f_e| / sum_e f_e, f from the
   full-precision profile, f^(b) from the b-bit quantized copy.
 * ``stale_profiling_error``: the same between the full-precision profiles of the model before
-  and after one round of local fine-tuning (round r-1's model vs round r's).
+  and after one FLUX round (round r-1's model vs round r's): the participant's tuning experts
+  (top activation, ``flux.max_tune_fraction`` of each layer) train one local round of the
+  engine's defaults on a merged layout and are written back, as aggregation would.
 * ``merge_output_error[s]``: ||h_s - h|| / ||h|| over the non-padding tokens of held-out data, h
   the backbone's final hidden states with all experts, h_s with non-tuning experts merged by
   strategy s at the same total merged budget (``single``: one group per layer, the smallest
@@ -67,7 +69,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _time(fn, repeats: int = 3) -> float:
+def _time(fn, repeats: int = 7) -> float:
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -97,10 +99,13 @@ def kmeans_speedup(num_layers: int, num_experts: int, k: int, dim: int = 16, see
             "fused_s": t_fused, "per_layer_s": t_loop, "speedup": t_loop / t_fused, "identical_clusters": True}
 
 
-def run_ablation(out_dir: str | Path, *, preset: str = "mixtral-tiny", pretrain_steps: int = 300,
-                 examples: int = 384, seq_len: int = 64, seed: int = 0, zo_perturbations=(8, 64, 512),
+def run_ablation(out_dir: str | Path, *, preset: str | dict = "mixtral-tiny", pretrain_steps: int = 300,
+                 examples: int = 200, seq_len: int = 64, seed: int = 0, zo_perturbations=(8, 64, 512),
                  progress: bool = True) -> dict:
-    """Measure every claim; write ``ablation.json`` and ``ablation.md`` into ``out_dir``."""
+    """Measure every claim; write ``ablation.json`` and ``ablation.md`` into ``out_dir``.
+
+    ``preset`` is a ``flux.models`` preset name or ``{"preset": name, **config overrides}``;
+    ``examples`` the size of the participant's local data (MultiEmo reviews, seq_len tokens)."""
     import flux
     from flux.data import load_dataset
     from flux.data.encode import encode_dataset
@@ -112,6 +117,9 @@ def run_ablation(out_dir: str | Path, *, preset: str = "mixtral-tiny", pretrain_
     from flux.profiling import profile_model
     from flux.roles import activation_utilities, assign_roles, cosine_distance, spsa_gradient
 
+    from flux.federation.config import RunConfig
+
+    engine = RunConfig()  # local round settings: the engine's defaults
     torch.manual_seed(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,23 +162,33 @@ def run_ablation(out_dir: str | Path, *, preset: str = "mixtral-tiny", pretrain_
     result["profiling_error"] = {"int4": prof[4].relative_l1(full), "int8": prof[8].relative_l1(full)}
     result["profiling_seconds"] = {"fp32": fp_s, "int8": prof[8].seconds, "int4": prof[4].seconds}
 
-    # 2. staleness: one round of local fine-tuning between two profiles
-    _log("stale profiling: one local round between two profiles")
+    # 2. staleness: the global model moves by one FLUX round between two profiles: this
+    # participant's tuning experts (its budget's top-frequency experts, the engine's share of
+    # them) and the head train one local round on a merged layout; the update is applied as the
+    # server would (only tuning experts change), then the model is profiled again.
+    _log("stale profiling: one FLUX round between two profiles")
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    params = [p for layer in layers for p in layer.source.expert_parameters()] + list(model.head.parameters())
+    freqs0 = full.frequencies()
+    n_tune = max(1, int(engine.flux.max_tune_fraction * min(num_experts)))
+    tune0 = [torch.topk(f, n_tune).indices.sort().values.tolist() for f in freqs0]
+    merge_model(handle, tune0, freqs0, full.attention_scores(),
+                total_budget=max(n_layers, sum(e - len(t) for e, t in zip(num_experts, tune0)) // 4), seed=seed)
     for p in model.parameters():
         p.requires_grad_(False)
+    params = [p for layer in layers for p in layer.trainable_parameters()] + list(model.head.parameters())
     for p in params:
         p.requires_grad_(True)
-    train_local(model, local, params, steps=4, batch_size=16, lr=1e-3,
+    train_local(model, local, params, steps=engine.local_steps, batch_size=engine.batch_size, lr=engine.lr,
                 generator=participant_generator(seed, 0, 0))
+    uninstall(handle)  # writes the tuning experts back: the next round's global model
+    for p in model.parameters():
+        p.requires_grad_(False)
     after = profile_model(backbone, batches(local), bits=None, num_samples=len(local))
     result["stale_profiling_error"] = after.relative_l1(full)
     result["stale_profiling_error_int4"] = profile_model(backbone, batches(local), bits=4,
                                                         num_samples=len(local)).relative_l1(prof[4])
+    result["stale_round"] = {"tuning_per_layer": n_tune, "local_steps": engine.local_steps, "lr": engine.lr}
     model.load_state_dict(saved)
-    for p in model.parameters():
-        p.requires_grad_(False)
 
     # 3./4. merging at the same total budget
     freqs, attn = full.frequencies(), full.attention_scores()
@@ -257,13 +275,14 @@ def run_ablation(out_dir: str | Path, *, preset: str = "mixtral-tiny", pretrain_
     trainable = [p for layer in layers for p in layer.trainable_parameters()] + list(model.head.parameters())
     for p in trainable:
         p.requires_grad_(True)
-    stats = train_local(model, local, trainable, steps=4, batch_size=16, lr=1e-3,
-                        generator=participant_generator(seed, 2, 0), micro_batches=4)
+    stats = train_local(model, local, trainable, steps=engine.local_steps, batch_size=engine.batch_size,
+                        lr=engine.lr, generator=participant_generator(seed, 2, 0),
+                        micro_batches=engine.flux.utility_micro_batches)
     uninstall(handle)
     overhead = t_profile + t_assign + t_merge
     result["overhead_fraction"] = overhead / (overhead + stats.seconds)
     result["overhead_seconds"] = {"profile": t_profile, "assign": t_assign, "merge": t_merge,
-                                  "train_4_steps": stats.seconds}
+                                  "train": stats.seconds, "train_steps": engine.local_steps}
     result["overhead_fraction_stale"] = (t_assign + t_merge) / (t_assign + t_merge + stats.seconds)
     result["seconds"] = time.perf_counter() - t_start
     result["paper"] = PAPER
@@ -325,7 +344,8 @@ def add_ablate_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="directory for ablation.json and ablation.md")
     parser.add_argument("--model", default="mixtral-tiny", help="model preset (flux.models.PRESETS)")
     parser.add_argument("--pretrain-steps", type=int, default=300, help="warm-start steps (cached)")
-    parser.add_argument("--examples", type=int, default=384, help="a participant's local examples (MultiEmo)")
+    parser.add_argument("--examples", type=int, default=200,
+                        help="a participant's local examples (MultiEmo; the default job gives each about 200)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=ablate_command)

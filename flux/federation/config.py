@@ -72,7 +72,7 @@ class FluxConfig:
     epsilon_start: float = 0.3
     epsilon_end: float = 0.9
     epsilon_rounds: int = 10
-    exploration: str = "zo"
+    exploration: str = "backprop"
     zo_sigma: float = 1e-3
     zo_perturbations: int = 8
     max_tune_fraction: float = 0.25
@@ -95,15 +95,15 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class RunConfig:
     method: str = "flux"
-    rounds: int = 12
+    rounds: int = 15
     participants: int = 8
     participants_per_round: int = 4
-    local_steps: int = 4
+    local_steps: int = 8
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 3e-3
     seed: int = 0
     deterministic: bool = True
-    target_accuracy: float = 0.5
+    target_accuracy: float = 0.42
     eval_every: int = 1
     non_expert: str = "head"
     threads: int = 0
