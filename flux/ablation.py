@@ -332,7 +332,10 @@ def ablation_table(r: dict) -> str:
          r["fused_kmeans_speedup"] >= 10),
         ("ZO cosine distance (default perturbations)", f"{r['zo_cosine_distance']:.3f}", "~0.29",
          r["zo_cosine_distance"] <= 0.4),
-        ("overhead fraction of a round", f"{r['overhead_fraction']:.1%}", "~5%", r["overhead_fraction"] <= 0.10),
+        ("overhead fraction of a round (profiling on the critical path)", f"{r['overhead_fraction']:.1%}", "~5%",
+         r["overhead_fraction"] <= 0.10),
+        ("overhead fraction with stale profiling hidden (merge + assignment)", f"{r['overhead_fraction_stale']:.1%}",
+         "~5%", r["overhead_fraction_stale"] <= 0.10),
     ]
     lines = ["| claim | ours | paper | reproduces |", "|---|---|---|---|"]
     for name, ours, paper, ok in rows:

@@ -45,6 +45,16 @@ def single(tmp_path_factory) -> Path:
     return out
 
 
+def test_the_flux_command_is_installed():
+    """The README's main command is `flux run`: the console script must be on PATH after install."""
+    import shutil
+
+    exe = shutil.which("flux")
+    assert exe, "the `flux` console script is not on PATH (pip install -e . installs it)"
+    res = subprocess.run([exe, "run", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--nproc" in res.stdout and "--resume" in res.stdout
+
+
 def test_single_process_writes_every_output(single):
     s = summary(single)
     assert s["method"] == "flux" and s["rounds"] == 3 and s["world_size"] == 1
