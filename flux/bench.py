@@ -21,6 +21,7 @@ final_accuracy, peak_memory_bytes, bytes_moved, ...}}}, medians over seeds), ``D
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -251,7 +252,9 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--config", default="benchmarks/tta.toml", help="bench config (TOML)")
     parser.add_argument("--out", default="runs/bench", help="output directory (runs are reused on re-run)")
     parser.add_argument("--methods", help="comma-separated subset, e.g. flux,fmd")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes); e.g. the core count")
+    parser.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                        help="runs in parallel, one process each (deterministic runs use one thread; "
+                             "default: the core count, at most 4)")
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=bench_command)
 
