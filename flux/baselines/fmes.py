@@ -28,7 +28,7 @@ from torch import Tensor
 
 from flux.federation.aggregate import Update
 from flux.federation.local import restore, snapshot
-from flux.federation.methods import Method, RunContext, expert_delta, expert_tokens, make_update
+from flux.federation.methods import Method, RunContext, expert_tokens, make_update, view_expert_deltas
 from flux.federation.workload import set_requires_grad
 
 
@@ -128,13 +128,7 @@ class FMESMethod(Method):
             overhead_s = time.perf_counter() - t0
             stats = self._train(ctx, round_idx, pid, list(trainable.values()))
             t1 = time.perf_counter()
-            tokens_all = expert_tokens(handle)
-            deltas, tokens = {}, {}
-            for l, layer in enumerate(layers):
-                for e, w in layer.tuned_weights().items():
-                    if (l, e) in tokens_all:
-                        deltas[(l, e)] = expert_delta(w, layer.source.expert(e))
-                        tokens[(l, e)] = tokens_all[(l, e)]
+            deltas, tokens = view_expert_deltas(handle, expert_tokens(handle), routed_only=True)
             dense_deltas = {k: p.detach() - before_dense[k] for k, p in dense.items()}
             restore(dense, before_dense)
             overhead_s += time.perf_counter() - t1

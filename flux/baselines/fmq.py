@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from flux.federation.aggregate import Update
 from flux.federation.local import participant_generator, restore, snapshot
-from flux.federation.methods import Method, RunContext, expert_delta, expert_tokens, make_update
+from flux.federation.methods import Method, RunContext, expert_tokens, make_update, view_expert_deltas
 from flux.federation.workload import set_requires_grad
 from flux.ops import QuantizedTensor, quantize
 
@@ -241,12 +241,7 @@ class FMQMethod(Method):
             stats = self._train(ctx, round_idx, pid, [*dense.values(), *biases],
                                 on_micro_batch=lambda mb, n, j: opt.step())
             t1 = time.perf_counter()
-            tokens = expert_tokens(handle)
-            deltas = {}
-            for l, layer in enumerate(layers):
-                for e, w in layer.tuned_weights().items():
-                    if (l, e) in tokens:
-                        deltas[(l, e)] = expert_delta(w, layer.source.expert(e))
+            deltas, tokens = view_expert_deltas(handle, expert_tokens(handle), routed_only=True)
             dense_deltas = {k: p.detach() - before_dense[k] for k, p in dense.items()}
             restore(dense, before_dense)
             overhead_s += time.perf_counter() - t1

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from flux.federation.aggregate import Update
 from flux.federation.local import participant_generator, restore, snapshot
-from flux.federation.methods import Method, RunContext, expert_delta, expert_tokens, make_update
+from flux.federation.methods import Method, RunContext, expert_tokens, make_update, view_expert_deltas
 from flux.federation.workload import set_requires_grad
 
 # Measured utilities older than this many rounds give way to the frequency-based prediction.
@@ -145,13 +145,8 @@ class FluxMethod(Method):
                                 micro_batches=cfg.flux.utility_micro_batches,
                                 on_micro_batch=tracker, on_step=explorer if explorer.rows else None)
             t1 = time.perf_counter()
-            tokens_all = expert_tokens(handle)
-            deltas, tokens = {}, {}
-            for l, layer in enumerate(layers):
-                current = {**layer.tuned_weights(), **explorer.weights(l)}
-                for e, w in current.items():
-                    deltas[(l, e)] = expert_delta(w, layer.expert_weights(e))
-                    tokens[(l, e)] = tokens_all.get((l, e), 0)
+            deltas, tokens = view_expert_deltas(handle, expert_tokens(handle), routed_only=False,
+                                                extra={l: explorer.weights(l) for l in range(len(layers))})
             utilities = self._utilities(profile, stats.samples, tracker, layers)
             utilities.update(explorer.utilities(profile, stats.samples))
             shares = activation_utilities(profile.frequencies())

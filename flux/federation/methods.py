@@ -73,6 +73,31 @@ def expert_delta(after, before) -> dict[str, Tensor]:
     return out
 
 
+def view_expert_deltas(handle, tokens: dict[tuple[int, int], int], *, routed_only: bool,
+                       extra: Optional[dict[int, dict]] = None) -> tuple[dict, dict]:
+    """Deltas of the experts a participant trained under merged views, against the originals.
+
+    Args:
+        tokens: (layer, expert) -> tokens routed there this round (``expert_tokens``).
+        routed_only: skip trained experts no token reached (their delta is zero anyway).
+        extra: per layer, {expert: ExpertWeights} of experts trained outside the view's
+            trainable stacks (FLUX's zeroth-order exploration experts).
+
+    Returns:
+        ``(deltas, weights)``: (layer, expert) -> {"gate_up", "down"} differences, and the
+        aggregation weight (routed tokens) of each.
+    """
+    deltas, weights = {}, {}
+    for l, layer in enumerate(handle.moe_layers):
+        current = {**layer.tuned_weights(), **((extra or {}).get(l, {}))}
+        for e, w in current.items():
+            if routed_only and (l, e) not in tokens:
+                continue
+            deltas[(l, e)] = expert_delta(w, layer.source.expert(e))
+            weights[(l, e)] = tokens.get((l, e), 0)
+    return deltas, weights
+
+
 def make_update(pid: int, stats, model: nn.Module, deltas: dict, tokens: dict, dense_deltas: dict, *,
                 peak_memory_bytes: int, utilities: Optional[dict] = None, profile_s: float = 0.0,
                 overhead_s: float = 0.0, offload_bytes: int = 0, **extra) -> Update:

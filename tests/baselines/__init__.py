@@ -5,6 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+
+from flux.data.encode import EncodedDataset
 from torch import nn
 
 import flux
@@ -26,25 +28,12 @@ class TinyClassifier(nn.Module):
         return self.head((h * m).sum(1) / m.sum(1).clamp(min=1.0)).float()
 
 
-class TinyData:
-    """EncodedDataset contract: ``batches`` yields input_ids, attention_mask, labels, index."""
-
-    def __init__(self, n: int, vocab: int, labels: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.input_ids = torch.randint(1, vocab, (n, SEQ), generator=g)
-        self.attention_mask = torch.ones(n, SEQ, dtype=torch.int64)
-        self.labels = torch.randint(0, labels, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def batches(self, batch_size: int, *, shuffle: bool, generator=None):
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            yield {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx],
-                   "labels": self.labels[idx], "index": idx}
+def tiny_data(n: int, vocab: int, labels: int, seed: int) -> EncodedDataset:
+    """Random token sequences with random labels (the real EncodedDataset, so batching is the
+    engine's own)."""
+    g = torch.Generator().manual_seed(seed)
+    return EncodedDataset(torch.randint(1, vocab, (n, SEQ), generator=g), torch.ones(n, SEQ, dtype=torch.int64),
+                          torch.randint(0, labels, (n,), generator=g), [f"l{i}" for i in range(labels)])
 
 
 def tiny_model(seed: int = 0) -> TinyClassifier:
@@ -66,7 +55,7 @@ def tiny_context(memory: list[int] | None = None, *, steps: int = 2, seed: int =
     handle = flux.patch(model.lm)
     memory = memory or [1 << 40]
     work = SimpleNamespace(model=model, handle=handle,
-                           train=[TinyData(16, 128, 3, seed=100 + p) for p in range(len(memory))])
+                           train=[tiny_data(16, 128, 3, seed=100 + p) for p in range(len(memory))])
     cfg = SimpleNamespace(lr=1e-3, local_steps=steps, batch_size=4, seed=seed, non_expert="head",
                           flux=SimpleNamespace())
     devices = [SimpleNamespace(name=f"dev{p}", memory_bytes=m) for p, m in enumerate(memory)]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 TINY = str(Path(__file__).with_name("tiny.toml"))
 REPO = Path(__file__).resolve().parents[2]
@@ -197,3 +198,25 @@ def test_nan_update_is_rejected_and_dropout_never_hangs(single, tmp_path, monkey
     assert all(math.isfinite(r["loss"]) for r in rows), "a NaN reached the global model"
     assert s["final_accuracy"] is not None
     assert len(rows) == 2
+
+
+def test_flux_update_carries_the_trained_tuning_experts(tmp_path):
+    """The uploaded delta of a tuning expert is its trained weights minus the ORIGINAL weights
+    (not minus the view's current weights, which would upload zeros), and only tuning experts
+    are uploaded."""
+    from flux.federation.config import load_config
+    from flux.federation.runner import Run, sample_participants
+
+    cfg = load_config(TINY, ["rounds=1"])
+    run = Run(cfg, tmp_path / "u", resume=False, progress=False)
+    sampled = sample_participants(cfg, 0)
+    profiles = {p: run._profile_now(p, 0) for p in sampled}
+    roles = run.method.plan(run.ctx, 0, sampled, profiles)
+    pid = sampled[0]
+    before = {k: v.clone() for k, v in run.work.model.state_dict().items()}
+    update = run.method.local_update(run.ctx, 0, pid, roles[pid], profiles[pid])
+    tuned = {(l, int(e)) for l, t in enumerate(roles[pid].tuning) for e in t}
+    assert update.expert_deltas and set(update.expert_deltas) <= tuned
+    assert all(sum(float(t.norm()) for t in d.values()) > 0 for d in update.expert_deltas.values())
+    after = run.work.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the global model must stay untouched"
