@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from flux.federation.aggregate import Update
-from flux.federation.local import restore, snapshot
+from flux.federation.local import snapshot, take_deltas
 from flux.federation.methods import Method, RunContext, expert_tokens, make_update, view_expert_deltas
 from flux.federation.workload import set_requires_grad
 
@@ -129,8 +129,7 @@ class FMESMethod(Method):
             stats = self._train(ctx, round_idx, pid, list(trainable.values()))
             t1 = time.perf_counter()
             deltas, tokens = view_expert_deltas(handle, expert_tokens(handle), routed_only=True)
-            dense_deltas = {k: p.detach() - before_dense[k] for k, p in dense.items()}
-            restore(dense, before_dense)
+            dense_deltas = take_deltas(dense, before_dense)
             overhead_s += time.perf_counter() - t1
         finally:
             uninstall(handle, write_back=False)

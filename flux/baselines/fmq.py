@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from flux.federation.aggregate import Update
-from flux.federation.local import participant_generator, restore, snapshot
+from flux.federation.local import participant_generator, snapshot, take_deltas
 from flux.federation.methods import Method, RunContext, expert_tokens, make_update, view_expert_deltas
 from flux.federation.workload import set_requires_grad
 from flux.ops import QuantizedTensor, quantize
@@ -242,8 +242,7 @@ class FMQMethod(Method):
                                 on_micro_batch=lambda mb, n, j: opt.step())
             t1 = time.perf_counter()
             deltas, tokens = view_expert_deltas(handle, expert_tokens(handle), routed_only=True)
-            dense_deltas = {k: p.detach() - before_dense[k] for k, p in dense.items()}
-            restore(dense, before_dense)
+            dense_deltas = take_deltas(dense, before_dense)
             overhead_s += time.perf_counter() - t1
         finally:
             uninstall(handle, write_back=False)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from flux.federation.aggregate import Update
-from flux.federation.local import participant_generator, restore, snapshot
+from flux.federation.local import participant_generator, snapshot, take_deltas
 from flux.federation.methods import Method, RunContext, expert_tokens, make_update, view_expert_deltas
 from flux.federation.workload import set_requires_grad
 
@@ -151,8 +151,7 @@ class FluxMethod(Method):
             utilities.update(explorer.utilities(profile, stats.samples))
             shares = activation_utilities(profile.frequencies())
             tuned_share = float(sum(float(shares[l][e]) for l, e in utilities))
-            dense_deltas = {k: p.detach() - before_dense[k] for k, p in dense.items()}
-            restore(dense, before_dense)
+            dense_deltas = take_deltas(dense, before_dense)
             layouts = [LayerLayout(tuned=p.num_tuning, merged_groups=p.num_groups - p.num_tuning, keep_originals=False)
                        for p in plans]
             peak = estimate_memory(handle, layouts, optimizer="adamw", train_experts=False,

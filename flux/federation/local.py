@@ -140,3 +140,11 @@ def restore(params: dict[str, Tensor], saved: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(saved[k])
+
+
+def take_deltas(params: dict[str, Tensor], saved: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``params - saved`` per name, then put ``saved`` back (a participant leaves the global
+    values untouched)."""
+    deltas = {k: p.detach() - saved[k] for k, p in params.items()}
+    restore(params, saved)
+    return deltas

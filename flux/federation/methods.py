@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from flux.federation.aggregate import Update
-from flux.federation.local import participant_generator, restore, snapshot, train_local
+from flux.federation.local import participant_generator, snapshot, take_deltas, train_local
 from flux.federation.workload import dense_trainable, set_requires_grad
 
 
@@ -61,6 +61,12 @@ def expert_tokens(handle) -> dict[tuple[int, int], int]:
             if c:
                 out[(l, e)] = int(c)
     return out
+
+
+def clone_weights(w):
+    """A detached copy of an ``ExpertWeights`` (biases stay None when absent)."""
+    return dataclasses.replace(w, **{f.name: getattr(w, f.name).detach().clone()
+                                     for f in dataclasses.fields(w) if getattr(w, f.name) is not None})
 
 
 def expert_delta(after, before) -> dict[str, Tensor]:
@@ -179,20 +185,19 @@ class FedAvgMethod(Method):
         trainable.update({f"__expert{i}": p for i, p in enumerate(experts)})
         set_requires_grad(work.model, trainable)
         before_dense = snapshot(dense)
-        before_experts = {(l, e): layer.expert_weights(e) for l, layer in enumerate(handle.moe_layers)
+        # one copy of the global experts: the deltas' reference and what is restored afterwards
+        before_experts = {(l, e): clone_weights(layer.expert_weights(e)) for l, layer in enumerate(handle.moe_layers)
                           for e in range(layer.num_experts)}
-        before_experts = {k: type(w)(*(t.detach().clone() if t is not None else None for t in dataclasses.astuple(w)))
-                          for k, w in before_experts.items()}
-        saved_all = snapshot(trainable)
         handle.reset_counts()
         stats = self._train(ctx, round_idx, pid, list(trainable.values()))
         tokens = expert_tokens(handle)
         deltas = {}
         for (l, e), w0 in before_experts.items():
+            layer = handle.moe_layers[l]
             if (l, e) in tokens:
-                deltas[(l, e)] = expert_delta(handle.moe_layers[l].expert_weights(e), w0)
-        dense_deltas = {k: (p.detach() - before_dense[k]) for k, p in dense.items()}
-        restore(trainable, saved_all)
+                deltas[(l, e)] = expert_delta(layer.expert_weights(e), w0)
+            layer.set_expert_weights(e, w0)
+        dense_deltas = take_deltas(dense, before_dense)
         set_requires_grad(work.model, None)
         return make_update(pid, stats, work.model, deltas, tokens, dense_deltas,
                            peak_memory_bytes=self.peak_memory(ctx, dense))
@@ -202,13 +207,9 @@ def make_method(name: str) -> Method:
     """The method registered under ``name`` (``RunConfig.method``)."""
     from flux.federation.flux_method import FluxMethod
 
-    registry: dict[str, type] = {"fedavg": FedAvgMethod, "flux": FluxMethod}
-    try:
-        from flux.baselines import BASELINES
+    from flux.baselines import BASELINES
 
-        registry.update(BASELINES)
-    except ImportError:  # flux.baselines is optional until it lands
-        pass
+    registry: dict[str, type] = {"fedavg": FedAvgMethod, "flux": FluxMethod, **BASELINES}
     if name not in registry:
         raise ValueError(f"unknown method {name!r}; known: {sorted(registry)}")
     return registry[name]()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import sys
 import time
@@ -429,7 +430,4 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, npr
     if nproc == 1:
         return _rank_main(0, 1, None, cfg, str(out), resume, progress)
     fd.spawn(_spawned, nproc, (cfg, str(out), resume, progress))
-    from flux.federation.metrics import read_metrics  # noqa: F401  (summary written by rank 0)
-    import json
-
-    return json.loads((out / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text())  # written by rank 0
