@@ -9,6 +9,9 @@ Definitions (all errors relative, lower is better):
 
 * ``profiling_error[b]``: mean over layers of sum_e |f_e^(b) - f_e| / sum_e f_e, f from the
   full-precision profile, f^(b) from the b-bit quantized copy.
+* ``sampled_profiling_error[n]``: the same, f^(n) from the int4 profile of a seeded sample of n
+  local samples (``flux.profile_samples = n``; all of them when n >= the local data), f still
+  from the full-precision profile of all the data: quantization plus sampling error.
 * ``stale_profiling_error``: the same between the full-precision profiles of the model before
   and after one FLUX round (round r-1's model vs round r's): the participant's tuning experts
   (top activation, ``flux.max_tune_fraction`` of each layer) train one local round of the
@@ -36,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from flux.federation.local import classification_loss, participant_generator, train_local
+from flux.federation.local import task_loss, participant_generator, train_local
 
 PAPER = {
     "profiling_error": {"int4": 0.11},
@@ -99,6 +102,27 @@ def kmeans_speedup(num_layers: int, num_experts: int, k: int, dim: int = 16, see
             "fused_s": t_fused, "per_layer_s": t_loop, "speedup": t_loop / t_fused, "identical_clusters": True}
 
 
+def sampled_profiling_error(backbone, data, full_profile, sizes=(32, 64, 128), seed: int = 0) -> dict[int, float]:
+    """{n: relative L1 of the int4 profile of n of ``data``'s samples vs ``full_profile``} (the
+    full-precision profile of all of ``data``).  The sample is the engine's
+    (``flux.profile_samples = n``, drawn as participant 0 of round 0); n >= len(data) profiles all."""
+    from flux.federation.runner import profile_batches, profile_sample
+    from flux.profiling import profile_model, quantize_model
+
+    snapshot = quantize_model(backbone, 4)  # one snapshot for every n: the model does not change
+    out = {}
+    for n in sizes:
+        indices = profile_sample(len(data), int(n), participant_generator(seed, 0, 0, stream=5))
+        prof = profile_model(snapshot, profile_batches(data, indices), num_samples=len(data))
+        out[int(n)] = prof.relative_l1(full_profile)
+    return out
+
+
+# The ablation's warm start: the two small local sources (fast; the federated runs use the full
+# corpus of flux.data.corpus, their routing drift per round is in every run's metrics.jsonl).
+ABLATION_CORPUS = ("pydoc", "chatterbot")
+
+
 def run_ablation(out_dir: str | Path, *, preset: str | dict = "mixtral-tiny", pretrain_steps: int = 300,
                  examples: int = 200, seq_len: int = 64, seed: int = 0, zo_perturbations=(8, 64, 512),
                  progress: bool = True) -> dict:
@@ -110,7 +134,7 @@ def run_ablation(out_dir: str | Path, *, preset: str | dict = "mixtral-tiny", pr
     from flux.data import load_dataset
     from flux.data.encode import encode_dataset
     from flux.data.tokenizer import get_tokenizer
-    from flux.federation.workload import PRETRAIN_SOURCES
+    from flux.data.corpus import pretraining_corpus
     from flux.merging.install import drop_model, layer_weight_stacks, merge_model, uninstall, uniform_budgets
     from flux.merging.budgets import layer_budgets
     from flux.models import MoEClassifier, pretrained_lm
@@ -124,7 +148,7 @@ def run_ablation(out_dir: str | Path, *, preset: str | dict = "mixtral-tiny", pr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    corpus = [t for name in PRETRAIN_SOURCES for t in load_dataset(name).texts]
+    corpus = pretraining_corpus(ABLATION_CORPUS).train
     tokenizer = get_tokenizer(corpus, vocab_size=4096)
     _log(f"warm start: {preset}, {pretrain_steps} steps (cached after the first run)")
     lm, info = pretrained_lm(preset, tokenizer, corpus, steps=pretrain_steps, seq_len=seq_len, seed=seed,
@@ -161,6 +185,7 @@ def run_ablation(out_dir: str | Path, *, preset: str | dict = "mixtral-tiny", pr
     prof = {b: profile_model(backbone, batches(local), bits=b, num_samples=len(local)) for b in (8, 4)}
     result["profiling_error"] = {"int4": prof[4].relative_l1(full), "int8": prof[8].relative_l1(full)}
     result["profiling_seconds"] = {"fp32": fp_s, "int8": prof[8].seconds, "int4": prof[4].seconds}
+    result["sampled_profiling_error"] = sampled_profiling_error(backbone, local, full, seed=seed)
 
     # 2. staleness: the global model moves by one FLUX round between two profiles: this
     # participant's tuning experts (its budget's top-frequency experts, the engine's share of
@@ -245,7 +270,7 @@ def run_ablation(out_dir: str | Path, *, preset: str | dict = "mixtral-tiny", pr
 
         layer0.set_expert_weights(e0, ExpertWeights(ws["gate_up"], ws["down"]))
         try:
-            return classification_loss(model, batch)
+            return task_loss(model, batch)
         finally:
             layer0.set_expert_weights(e0, ExpertWeights(target["gate_up"], target["down"]))
 
@@ -304,7 +329,7 @@ def _true_expert_grad(model, layer, expert: int, batch) -> dict:
     trainable = [e == expert for e in range(layer.num_experts)]
     view = layer.install_view(list(range(layer.num_experts)), gate_up, down, trainable)
     try:
-        loss = classification_loss(model, batch)
+        loss = task_loss(model, batch)
         gu, dn = torch.autograd.grad(loss, [view.tuned_gate_up, view.tuned_down])
     finally:
         layer.remove_view(write_back=False)
@@ -321,6 +346,8 @@ def ablation_table(r: dict) -> str:
         ("int4 profiling error (rel. L1 of frequencies)", f"{r['profiling_error']['int4']:.3f}", "~0.11",
          r["profiling_error"]["int4"] <= 0.15),
         ("int8 profiling error", f"{r['profiling_error']['int8']:.3f}", "-", None),
+        ("int4 profiling error of n sampled samples (flux.profile_samples = n)",
+         ", ".join(f"n={n}: {v:.3f}" for n, v in r.get("sampled_profiling_error", {}).items()) or "-", "-", None),
         ("stale (one round) profiling error", f"{r['stale_profiling_error']:.3f}", "< 0.02",
          r["stale_profiling_error"] < 0.02),
         ("adaptive vs uniform output error reduction", f"{red_u:.1%}", "47.6%", red_u > 0),

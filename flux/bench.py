@@ -70,6 +70,15 @@ def load_bench_config(path: str | Path, *, methods: Optional[Sequence[str]] = No
     for i, s in enumerate(settings):
         if "name" not in s:
             raise BenchConfigError(f"settings[{i}].name is missing")
+        unknown_keys = set(s) - {"name", "config", "target_from_fedavg"}
+        if unknown_keys:
+            raise BenchConfigError(f"settings[{i}]: unknown key(s) {sorted(unknown_keys)}; known: name, config, "
+                                   "target_from_fedavg")
+        rule = s.get("target_from_fedavg")
+        if rule is not None and not (isinstance(rule, (int, float)) and not isinstance(rule, bool) and 0 < rule <= 1):
+            raise BenchConfigError(f"settings[{i}].target_from_fedavg must be a fraction in (0, 1], got {rule!r}")
+        if rule is not None and "fedavg" not in chosen:
+            raise BenchConfigError(f"settings[{i}].target_from_fedavg needs fedavg among the methods")
     return {"methods": chosen, "seeds": seeds, "base": raw.get("base", {}), "settings": settings}
 
 
@@ -91,11 +100,20 @@ def _median(xs: list) -> Optional[float]:
     return statistics.median(xs) if xs else None
 
 
+def _stderr(xs: list) -> Optional[float]:
+    """Standard error of the mean over seeds (None with fewer than two values)."""
+    xs = [x for x in xs if x is not None]
+    return statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) >= 2 else None
+
+
 def summarize(runs: list[dict], target: float) -> dict:
-    """Medians over seeds of one (setting, method)."""
+    """Medians (and standard errors) over seeds of one (setting, method); time-to-accuracy is
+    recomputed from each run's metrics for the bench's ``target``."""
+    from flux.federation.metrics import time_to_accuracy
+
     tta_sim, tta_wall, rounds = [], [], []
     for r in runs:
-        tta = r["summary"]["time_to_accuracy"]
+        tta = time_to_accuracy(r["metrics"], target)
         tta_sim.append(tta["sim_s"] if tta else None)
         tta_wall.append(tta["wall_s"] if tta else None)
         rounds.append(tta.get("round") if tta else None)
@@ -108,6 +126,11 @@ def summarize(runs: list[dict], target: float) -> dict:
         "tta_sim_s": _median(tta_sim) if half else None,
         "tta_wall_s": _median(tta_wall) if half else None,
         "final_accuracy": _median([r["summary"]["final_accuracy"] for r in runs]),
+        "final_accuracy_se_seeds": _stderr([r["summary"]["final_accuracy"] for r in runs]),
+        # binomial standard error of one run's test accuracy: the test set's own noise
+        "final_accuracy_se_test": _binomial_se(runs),
+        "base_accuracy": _median([(r["summary"].get("base") or {}).get("accuracy") for r in runs]),
+        "routing_drift_median": _median([r["summary"].get("routing_drift_median") for r in runs]),
         "best_accuracy": _median([r["summary"]["best_accuracy"] for r in runs]),
         "peak_memory_bytes": _median([r["summary"]["peak_memory_bytes"] for r in runs]),
         "bytes_moved": _median([r["summary"]["bytes_up"] + r["summary"]["bytes_down"] + r["summary"]["offload_bytes"]
@@ -117,6 +140,15 @@ def summarize(runs: list[dict], target: float) -> dict:
         "overhead_fraction": _median([r["summary"].get("overhead_fraction") for r in runs]),
         "seeds": len(runs),
     }
+
+
+def _binomial_se(runs: list[dict]) -> Optional[float]:
+    accs = [r["summary"]["final_accuracy"] for r in runs if r["summary"].get("final_accuracy") is not None]
+    n = _median([r["summary"].get("test_examples") for r in runs])
+    if not accs or not n:
+        return None
+    p = statistics.median(accs)
+    return (p * (1 - p) / n) ** 0.5
 
 
 def speedups(results: dict) -> dict:
@@ -139,32 +171,58 @@ def speedups(results: dict) -> dict:
 
 def bench_table(results: dict, gains: dict, targets: dict) -> str:
     lines = []
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for setting, by_method in results.items():
-        lines.append(f"### {setting} (target accuracy {targets[setting]:.2f})\n")
-        lines.append("| method | reached | rounds | TTA sim (s) | TTA wall (s) | final acc | peak mem (MB) | moved (MB) |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+        base = next((r["base_accuracy"] for r in by_method.values() if r.get("base_accuracy") is not None), None)
+        lines.append(f"### {setting} (target accuracy {targets[setting]:.3f}; pretrained model before fine-tuning: "
+                     f"{fmt(base, '.3f')})\n")
+        lines.append("| method | reached | rounds | TTA sim (s) | TTA wall (s) | final acc (± SE seeds) | best acc | "
+                     "peak mem (MB) | moved (MB) | overhead | routing drift |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for m, r in by_method.items():
-            fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+            se = r.get("final_accuracy_se_seeds")
             lines.append(f"| {m} | {r['reached_seeds']} | {fmt(r['rounds_to_target'], '.0f')} | "
                          f"{fmt(r['tta_sim_s'], '.1f')} | {fmt(r['tta_wall_s'], '.1f')} | "
-                         f"{fmt(r['final_accuracy'], '.3f')} | {r['peak_memory_bytes'] / 2**20:.1f} | "
-                         f"{r['bytes_moved'] / 2**20:.1f} |")
+                         f"{fmt(r['final_accuracy'], '.3f')}{'' if se is None else f' ± {se:.3f}'} | "
+                         f"{fmt(r.get('best_accuracy'), '.3f')} | {r['peak_memory_bytes'] / 2**20:.1f} | "
+                         f"{r['bytes_moved'] / 2**20:.1f} | {fmt(r.get('overhead_fraction'), '.1%')} | "
+                         f"{fmt(r.get('routing_drift_median'), '.3f')} |")
         g = gains.get(setting, {})
+        se_test = next((r.get("final_accuracy_se_test") for r in by_method.values()
+                        if r.get("final_accuracy_se_test") is not None), None)
+        if se_test is not None:
+            lines.append(f"\nTest-set standard error of one accuracy: {se_test * 100:.1f} points.")
         if "flux_speedup_sim" in g:
-            lines.append(f"\nFLUX vs best baseline ({g['best_baseline']}): {g['flux_speedup_sim']:.2f}x faster "
+            lines.append(f"FLUX vs best baseline ({g['best_baseline']}): {g['flux_speedup_sim']:.2f}x faster "
                          f"(simulated), {g['flux_speedup_wall']:.2f}x (wall).")
         elif g.get("best_baseline") is None:
-            lines.append("\nNo baseline reached the target.")
+            lines.append("No baseline reached the target.")
         else:
-            lines.append("\nFLUX did not reach the target.")
+            lines.append("FLUX did not reach the target.")
         if "flux_minus_fedavg_final_accuracy" in g:
             lines.append(f"FLUX final accuracy - fedavg: {g['flux_minus_fedavg_final_accuracy'] * 100:+.1f} points.")
         lines.append("")
     return "\n".join(lines)
 
 
+def median_curve(runs_metrics: list[list[dict]]) -> list[tuple[float, float, float, float]]:
+    """Per evaluated round over seeds: (median sim_s, median accuracy, min, max accuracy)."""
+    by_round: dict[int, list[tuple[float, float]]] = {}
+    for rows in runs_metrics:
+        for r in rows:
+            if r.get("accuracy") is not None:
+                by_round.setdefault(r["round"], []).append((r["sim_s"], r["accuracy"]))
+    out = []
+    for rnd in sorted(by_round):
+        pts = by_round[rnd]
+        accs = [a for _, a in pts]
+        out.append((statistics.median(t for t, _ in pts), statistics.median(accs), min(accs), max(accs)))
+    return out
+
+
 def plot_tta(curves: dict, targets: dict, path: Path) -> None:
-    """One panel per setting: accuracy over simulated time, one curve per method (first seed)."""
+    """One panel per setting: accuracy over simulated time, one curve per method (median over seeds
+    per round, band = min..max over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,18 +231,52 @@ def plot_tta(curves: dict, targets: dict, path: Path) -> None:
     n = len(curves)
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
     for ax, (setting, by_method) in zip(axes[0], curves.items()):
-        for m, rows in by_method.items():
-            pts = [(r["sim_s"], r["accuracy"]) for r in rows if r.get("accuracy") is not None]
+        for m, runs_metrics in by_method.items():
+            pts = median_curve(runs_metrics)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=m)
+                xs = [p[0] for p in pts]
+                line, = ax.plot(xs, [p[1] for p in pts], marker=".", label=m)
+                ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], color=line.get_color(), alpha=0.15)
         ax.axhline(targets[setting], color="grey", linestyle="--", label="target")
         ax.set_title(setting)
         ax.set_xlabel("simulated time (s)")
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("test accuracy (median over seeds)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def target_from_fedavg(fedavg_runs: Optional[list[dict]], fraction: float) -> float:
+    """The accuracy target of a setting from fedavg's curve: the pretrained model's accuracy plus
+    ``fraction`` of fedavg's median final gain over it (a rule stated in the bench config, the
+    same for every method)."""
+    if not fedavg_runs:
+        raise BenchConfigError("target_from_fedavg needs the fedavg runs of the setting (add fedavg to methods)")
+    base = _median([(r["summary"].get("base") or {}).get("accuracy") for r in fedavg_runs])
+    final = _median([r["summary"]["final_accuracy"] for r in fedavg_runs])
+    if base is None or final is None:
+        raise BenchConfigError("target_from_fedavg: the fedavg runs have no base/final accuracy")
+    return base + fraction * (final - base)
+
+
+def _single_thread_worker() -> None:
+    # parallel runs share the cores: one thread each (evaluation included, see workload.all_threads)
+    os.environ["FLUX_MAX_THREADS"] = "1"
+
+
+def prepare_settings(bench: dict, *, progress: bool) -> None:
+    """Build each setting's workload once in this process (tokenizer, data, the one-time
+    pretraining on every core), so parallel runs only load caches."""
+    from flux.federation.config import load_config
+    from flux.federation.workload import build_workload
+
+    for setting in bench["settings"]:
+        cfg = load_config(None, overrides_of(bench["base"], setting.get("config", {})))
+        if progress:
+            print(f"[flux bench] preparing {setting['name']} (data, tokenizer, pretrained model)", file=sys.stderr,
+                  flush=True)
+        build_workload(cfg, progress=progress)
 
 
 def _run_one_quiet(args: tuple) -> dict:
@@ -216,7 +308,9 @@ def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional
         import concurrent.futures as cf
         import multiprocessing as mp
 
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        prepare_settings(bench, progress=progress)
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                    initializer=_single_thread_worker) as pool:
             futures = {pool.submit(_run_one_quiet, t): t for t in tasks}
             done = {}
             for fut in cf.as_completed(futures):
@@ -236,11 +330,18 @@ def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional
     for (setting, _, method, _, _), outcome in zip(tasks, outcomes):
         name = setting["name"]
         results.setdefault(name, {}).setdefault(method, []).append(outcome)
+    for setting in bench["settings"]:
+        rule = setting.get("target_from_fedavg")
+        if rule is not None:
+            targets[setting["name"]] = target_from_fedavg(results[setting["name"]].get("fedavg"), float(rule))
     for name, by_method in results.items():
-        curves[name] = {m: runs[0]["metrics"] for m, runs in by_method.items()}
+        curves[name] = {m: [run["metrics"] for run in runs] for m, runs in by_method.items()}
         results[name] = {m: summarize(runs, targets[name]) for m, runs in by_method.items()}
     gains = speedups(results)
+    median_curves = {name: {m: [{"sim_s": t, "accuracy": a, "min": lo, "max": hi} for t, a, lo, hi in median_curve(rm)]
+                            for m, rm in by_method.items()} for name, by_method in curves.items()}
     doc = {"results": results, "flux_vs_baselines": gains, "targets": targets, "methods": bench["methods"],
+           "curves": median_curves,
            "seeds": bench["seeds"], "config": str(config_path), "seconds": time.perf_counter() - t0}
     write_json_atomic(out / "results.json", doc)
     (out / "table.md").write_text(bench_table(results, gains, targets))

@@ -32,4 +32,8 @@ def test_ablation_writes_every_claim(tmp_path):
     assert saved["fused_kmeans"]["deepseek_moe_16b_shape"]["identical_clusters"]
     assert 0 <= saved["zo_cosine_distance"] <= 2 and set(saved["zo_cosine_distance_by_perturbations"]) == {"2", "4"}
     assert 0 < saved["overhead_fraction"] < 1
+    # 48 local examples: n = 32 is a sample, 64 and 128 profile all of them (the int4 error)
+    sampled = saved["sampled_profiling_error"]
+    assert set(sampled) == {"32", "64", "128"} and all(0 <= v < 1 for v in sampled.values())
+    assert sampled["64"] == sampled["128"] == pytest.approx(saved["profiling_error"]["int4"])
     assert "| claim |" in (tmp_path / "ablation.md").read_text() == ablation_table(saved)

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from flux.federation.aggregate import Update
-from flux.federation.local import participant_generator, snapshot, take_deltas
+from flux.federation.local import participant_generator, round_lr, snapshot, take_deltas
 from flux.federation.methods import Method, RunContext, expert_tokens, make_update, view_expert_deltas
 from flux.federation.workload import set_requires_grad
 from flux.ops import QuantizedTensor, quantize
@@ -231,7 +231,7 @@ class FMQMethod(Method):
             trainable = {**dense, **{f"__bias{i}": p for i, p in enumerate(biases)},
                          **{f"__stack{i}": p for i, p in enumerate(stacks)}}
             set_requires_grad(model, trainable)
-            opt = QuantizedAdamW(stacks, lr=cfg.lr, moment_bits=layout.moment_bits,
+            opt = QuantizedAdamW(stacks, lr=round_lr(cfg, round_idx), moment_bits=layout.moment_bits,
                                  generator=participant_generator(cfg.seed, round_idx, pid, stream=ROUNDING_STREAM))
             self.last_optimizer = opt
             before_dense = snapshot(dense)

@@ -1,8 +1,21 @@
 """Offline data layer: real-text loaders, a locally trained tokenizer, non-IID partitioners.
 
 Nothing comes from a model/data hub: ``pydoc`` (stdlib), ``chatterbot`` (PyPI package),
-``multiemo`` (fetched with pip into the cache at run time, never committed) and local files.
+``multiemo`` and the other BIG-bench JSON tasks (fetched with pip into the cache at run time, never
+committed) and local files.
 """
+from flux.data.bigbench import (
+    MC_TASKS,
+    NON_LANGUAGE_TASKS,
+    MCExample,
+    bigbench_task_names,
+    ensure_bigbench,
+    load_bigbench_task,
+    load_mc_examples,
+    pretraining_records,
+    pretraining_texts,
+    split_mc,
+)
 from flux.data.cache import cache_dir
 from flux.data.partition import SCHEMES, PartitionError, label_skew, label_table, partition
 from flux.data.sources import (
@@ -24,4 +37,7 @@ __all__ = [
     "SCHEMES", "DataUnavailableError", "Dataset", "Example", "FluxTokenizer", "PartitionError",
     "cache_dir", "ensure_multiemo", "get_tokenizer", "label_skew", "label_table", "load_chatterbot",
     "load_csv", "load_dataset", "load_jsonl", "load_local", "load_multiemo", "load_pydoc", "partition",
+    # BIG-bench tasks (flux.data.bigbench)
+    "MC_TASKS", "NON_LANGUAGE_TASKS", "MCExample", "bigbench_task_names", "ensure_bigbench",
+    "load_bigbench_task", "load_mc_examples", "pretraining_records", "pretraining_texts", "split_mc",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -84,24 +84,54 @@ class ParticipantTime:
         is added by :meth:`critical_path`, depending on whether it is hidden."""
         return self.download_s + self.compute_s + self.offload_s + self.upload_s
 
-    def critical_path(self, aggregation_s: float, *, stale_profiling: bool) -> float:
-        """Seconds this participant adds to the round.
+    def visible_profile_s(self, aggregation_s: float, *, stale_profiling: bool, idle_last_round: bool = False) -> float:
+        """Seconds of profiling on this participant's critical path.
 
-        With stale profiling, profiling runs while the server aggregates the previous round, so
-        only the part longer than the aggregation shows: ``max(0, profile_s - aggregation_s)``.
+        Without stale profiling: all of ``profile_s``.  With it, profiling runs while the server
+        aggregates the previous round, so only the part longer than the aggregation shows:
+        ``max(0, profile_s - aggregation_s)``; and none of it when the participant sat the
+        previous round out (``idle_last_round``): the model it profiles (the previous round's
+        starting model) was available for that whole idle round.
         """
-        visible = max(0.0, self.profile_s - aggregation_s) if stale_profiling else self.profile_s
-        return self.total + visible
+        if not stale_profiling:
+            return self.profile_s
+        if idle_last_round:
+            return 0.0
+        return max(0.0, self.profile_s - aggregation_s)
+
+    def critical_path(self, aggregation_s: float, *, stale_profiling: bool, idle_last_round: bool = False) -> float:
+        """Seconds this participant adds to the round: :attr:`total` plus :meth:`visible_profile_s`."""
+        return self.total + self.visible_profile_s(aggregation_s, stale_profiling=stale_profiling,
+                                                   idle_last_round=idle_last_round)
 
 
-def round_time(participant_times: Sequence[ParticipantTime], aggregation_s: float, *, stale_profiling: bool) -> float:
+def slowest_participant(participant_times: Sequence[ParticipantTime], aggregation_s: float, *, stale_profiling: bool,
+                        idle_last_round: Optional[Sequence[bool]] = None) -> Optional[int]:
+    """Position in ``participant_times`` of the longest critical path (the first on ties); None
+    when there are none.  ``idle_last_round[i]`` (default all False) says participant i sat the
+    previous round out (:meth:`ParticipantTime.visible_profile_s`)."""
+    if aggregation_s < 0:
+        raise ValueError(f"aggregation_s must be >= 0, got {aggregation_s}")
+    idle = [False] * len(participant_times) if idle_last_round is None else list(idle_last_round)
+    if len(idle) != len(participant_times):
+        raise ValueError(f"idle_last_round has {len(idle)} flags for {len(participant_times)} participants")
+    paths = [p.critical_path(aggregation_s, stale_profiling=stale_profiling, idle_last_round=i)
+             for p, i in zip(participant_times, idle)]
+    return max(range(len(paths)), key=paths.__getitem__) if paths else None
+
+
+def round_time(participant_times: Sequence[ParticipantTime], aggregation_s: float, *, stale_profiling: bool,
+               idle_last_round: Optional[Sequence[bool]] = None) -> float:
     """Simulated length of a synchronous round: the slowest participant, then aggregation.
 
     ``aggregation_s`` is also the window that hides stale profiling (the previous round's
-    aggregation is taken to last as long as this one's).  No participants: just aggregation.
+    aggregation is taken to last as long as this one's); ``idle_last_round`` as in
+    :func:`slowest_participant`.  No participants: just aggregation.
     """
-    if aggregation_s < 0:
-        raise ValueError(f"aggregation_s must be >= 0, got {aggregation_s}")
-    slowest = max((p.critical_path(aggregation_s, stale_profiling=stale_profiling) for p in participant_times),
-                  default=0.0)
-    return slowest + aggregation_s
+    i = slowest_participant(participant_times, aggregation_s, stale_profiling=stale_profiling,
+                            idle_last_round=idle_last_round)
+    if i is None:
+        return aggregation_s
+    idle = bool(idle_last_round[i]) if idle_last_round is not None else False
+    return participant_times[i].critical_path(aggregation_s, stale_profiling=stale_profiling,
+                                              idle_last_round=idle) + aggregation_s

@@ -25,6 +25,8 @@ PARTITIONS = ("iid", "dirichlet", "domain")  # flux.data.partition.SCHEMES
 MERGE_MODES = ("freq_attn", "freq", "avg")  # flux.merging.merge.MERGE_MODES
 EXPLORATION = ("zo", "backprop")
 ASSIGNMENTS = ("round_robin",)
+LR_SCHEDULES = ("constant", "cosine")  # flux.federation.local.round_lr
+CORPUS_SOURCES = ("pydoc", "chatterbot", "bigbench")  # flux.data.corpus.SOURCES
 PROFILE_BITS = (4, 8)
 MIN_VOCAB = 259  # flux.data.tokenizer: 256 byte tokens + 3 specials
 
@@ -48,6 +50,11 @@ class DatasetConfig:
     seq_len: int = 64
     test_fraction: float = 0.2
     vocab_size: int = 4096
+    # instruction tuning (name = "bigbench"): BIG-bench multiple-choice tasks, one domain each
+    tasks: list[str] = field(default_factory=list)  # empty = flux.data.bigbench.MC_TASKS
+    max_per_task: int = 1000
+    test_per_task: int = 150
+    mc_metric: str = "acc_norm"  # flux.models.causal.MC_METRICS: which ranking is "accuracy"
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,12 @@ class ModelConfig:
     preset: str = "mixtral-tiny"
     pretrain_steps: int = 300
     overrides: dict = field(default_factory=dict)
+    # the pretraining corpus (flux.data.corpus.SOURCES) and recipe
+    corpus: list[str] = field(default_factory=lambda: ["pydoc", "chatterbot", "bigbench"])
+    pretrain_seq_len: int = 64
+    pretrain_batch_size: int = 16
+    pretrain_lr: float = 3e-3
+    pretrain_seed: int = 0  # one pretrained checkpoint for every run seed, as with a real model
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,8 @@ class DevicesConfig:
 class FluxConfig:
     profile_bits: int = 4
     stale_profiling: bool = True
+    profile_samples: int = 0  # 0 = profile all local data (the paper); N > 0 = a seeded sample of at most N
+    hide_idle_profiling: bool = True  # a participant idle last round profiled then: none of it is visible
     merge_mode: str = "freq_attn"
     epsilon_start: float = 0.3
     epsilon_end: float = 0.9
@@ -77,6 +92,7 @@ class FluxConfig:
     zo_perturbations: int = 8
     max_tune_fraction: float = 0.25
     utility_micro_batches: int = 4
+    utility_steps: int = 0  # local steps that measure Eq. 3 (0 = every step, the exact estimate)
 
 
 @dataclass(frozen=True)
@@ -101,6 +117,8 @@ class RunConfig:
     local_steps: int = 8
     batch_size: int = 16
     lr: float = 3e-3
+    lr_schedule: str = "constant"
+    dense_lr_scale: float = 1.0  # lr of the non-expert trainables (e.g. a new head) = lr * this
     seed: int = 0
     deterministic: bool = True
     target_accuracy: float = 0.42
@@ -268,6 +286,9 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.local_steps >= 1, "local_steps", f"must be >= 1, got {cfg.local_steps}")
     _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
     _check(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", f"must be a finite number > 0, got {cfg.lr}")
+    _one_of(cfg.lr_schedule, LR_SCHEDULES, "lr_schedule")
+    _check(math.isfinite(cfg.dense_lr_scale) and cfg.dense_lr_scale > 0, "dense_lr_scale",
+           f"must be a finite number > 0, got {cfg.dense_lr_scale}")
     _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     _check(0 < cfg.target_accuracy <= 1, "target_accuracy", f"must be in (0, 1], got {cfg.target_accuracy}")
     _check(cfg.eval_every >= 1, "eval_every", f"must be >= 1, got {cfg.eval_every}")
@@ -285,14 +306,28 @@ def validate(cfg: RunConfig) -> None:
     _check(d.vocab_size >= MIN_VOCAB, "dataset.vocab_size",
            f"must be >= {MIN_VOCAB} (256 byte tokens + 3 specials), got {d.vocab_size}")
 
+    _one_of(d.mc_metric, ("acc_norm", "acc"), "dataset.mc_metric")
+    _check(d.max_per_task >= 1, "dataset.max_per_task", f"must be >= 1, got {d.max_per_task}")
+    _check(1 <= d.test_per_task < d.max_per_task, "dataset.test_per_task",
+           f"must be in [1, dataset.max_per_task={d.max_per_task}), got {d.test_per_task}")
+
     m = cfg.model
     _check(bool(m.preset.strip()), "model.preset", "must not be empty")
     _check(m.pretrain_steps >= 0, "model.pretrain_steps", f"must be >= 0, got {m.pretrain_steps}")
+    _check(m.pretrain_seed >= 0, "model.pretrain_seed", f"must be >= 0, got {m.pretrain_seed}")
+    _check(len(m.corpus) >= 1, "model.corpus", "must name at least one source")
+    for i, src in enumerate(m.corpus):
+        _one_of(src, CORPUS_SOURCES, f"model.corpus[{i}]")
+    _check(m.pretrain_seq_len >= 2, "model.pretrain_seq_len", f"must be >= 2, got {m.pretrain_seq_len}")
+    _check(m.pretrain_batch_size >= 1, "model.pretrain_batch_size", f"must be >= 1, got {m.pretrain_batch_size}")
+    _check(math.isfinite(m.pretrain_lr) and m.pretrain_lr > 0, "model.pretrain_lr", f"must be > 0, got {m.pretrain_lr}")
 
     _validate_devices(cfg.devices)
 
     f = cfg.flux
     _one_of(f.profile_bits, PROFILE_BITS, "flux.profile_bits")
+    _check(f.profile_samples >= 0, "flux.profile_samples",
+           f"must be >= 0 (0 = all local samples), got {f.profile_samples}")
     _one_of(f.merge_mode, MERGE_MODES, "flux.merge_mode")
     for name in ("epsilon_start", "epsilon_end"):
         v = getattr(f, name)
@@ -302,6 +337,7 @@ def validate(cfg: RunConfig) -> None:
     _check(math.isfinite(f.zo_sigma) and f.zo_sigma > 0, "flux.zo_sigma", f"must be > 0, got {f.zo_sigma}")
     _check(f.zo_perturbations >= 1, "flux.zo_perturbations", f"must be >= 1, got {f.zo_perturbations}")
     _check(0 < f.max_tune_fraction <= 1, "flux.max_tune_fraction", f"must be in (0, 1], got {f.max_tune_fraction}")
+    _check(f.utility_steps >= 0, "flux.utility_steps", f"must be >= 0 (0 = every step), got {f.utility_steps}")
     _check(f.utility_micro_batches >= 1, "flux.utility_micro_batches", f"must be >= 1, got {f.utility_micro_batches}")
 
     x = cfg.faults

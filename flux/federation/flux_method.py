@@ -16,7 +16,8 @@ norms of each tuning expert.  Each local mini-batch of B samples is split into `
 (``flux.utility_micro_batches``); the increment of a tuning group's gradient over micro-batch c,
 times B, is the sum of that micro-batch's per-sample gradients, and sum_c ||B inc_c||^2 estimates
 sum_k ||g_k||^2 (exact for m = B; unbiased when per-sample gradients are uncorrelated).  |D_e| is
-the number of trained samples the profile routes to e.  Experts a participant did not tune
+the number of trained samples the profile routes to e (scaled up when only a sample of the data
+was profiled: :func:`routed_sample_counts`).  Experts a participant did not tune
 recently are scored by their current activation share times the participant's ratio kappa of
 measured utility to activation share over the experts it did tune (round 1: kappa = 1, i.e. the
 paper's normalised-frequency utility).
@@ -24,13 +25,13 @@ paper's normalised-frequency utility).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from flux.federation.aggregate import Update
-from flux.federation.local import participant_generator, snapshot, take_deltas
+from flux.federation.local import participant_generator, round_lr, snapshot, take_deltas
 from flux.federation.methods import Method, RunContext, expert_tokens, make_update, view_expert_deltas
 from flux.federation.workload import set_requires_grad
 
@@ -138,12 +139,15 @@ class FluxMethod(Method):
             before_dense = snapshot(dense)
             tracker = _GradTracker(layers)
             explorer = _ZerothOrderExplorer(model, layers, explore, sigma=cfg.flux.zo_sigma,
-                                            perturbations=cfg.flux.zo_perturbations, lr=cfg.lr,
+                                            perturbations=cfg.flux.zo_perturbations, lr=round_lr(cfg, round_idx),
                                             generator=participant_generator(cfg.seed, round_idx, pid, stream=4))
             handle.reset_counts()
+            measured_steps = cfg.flux.utility_steps or cfg.local_steps
             stats = self._train(ctx, round_idx, pid, list(trainable.values()),
-                                micro_batches=cfg.flux.utility_micro_batches,
+                                micro_batches=cfg.flux.utility_micro_batches, micro_batch_steps=measured_steps,
                                 on_micro_batch=tracker, on_step=explorer if explorer.rows else None)
+            # Eq. 3 sums over every trained sample: extrapolate from the measured steps
+            tracker.scale = cfg.local_steps / min(measured_steps, cfg.local_steps)
             t1 = time.perf_counter()
             deltas, tokens = view_expert_deltas(handle, expert_tokens(handle), routed_only=False,
                                                 extra={l: explorer.weights(l) for l in range(len(layers))})
@@ -170,19 +174,43 @@ class FluxMethod(Method):
     @staticmethod
     def _utilities(profile, samples: list[int], tracker: "_GradTracker", layers) -> dict:
         """Eq. 3 per backprop-tuned expert: sqrt(|D_e| * sum_k ||g_k||^2)."""
-        seen = torch.tensor(sorted(set(samples)), dtype=torch.long)
+        routed = routed_sample_counts(profile, samples)
+        if routed is None:  # no trained sample was profiled: nothing measured, keep the predictions
+            return {}
         out = {}
         for l, layer in enumerate(layers):
             view = layer.view
             if view is None:
                 continue
-            prof = profile.layers[l]
-            rows = prof.sample_tokens[seen] if seen.numel() and prof.sample_tokens.shape[0] else None
             for g, e in enumerate(view.tuned_experts):
-                d_e = int((rows[:, e] > 0).sum()) if rows is not None else 0
-                sq = tracker.sq_norms[l][g] if tracker.sq_norms.get(l) is not None else 0.0
+                d_e = float(routed[l][e])
+                sq = tracker.scale * tracker.sq_norms[l][g] if tracker.sq_norms.get(l) is not None else 0.0
                 out[(l, e)] = float((d_e * float(sq)) ** 0.5)
         return out
+
+
+def routed_sample_counts(profile, samples: list[int]) -> Optional[list[Tensor]]:
+    """|D_e| of Eq. 3 per layer, float64 [E_l]: how many of the trained ``samples`` the profile
+    routes at least one token to expert e; None when the profile saw none of them.
+
+    A profile of a sample of the local data (``flux.profile_samples``; ``profile.indices`` are its
+    rows) knows the routing only of the trained samples it also profiled: their count is scaled by
+    len(trained) / |profiled & trained|.  For a profile of all the data the scale is exactly 1:
+    the paper's count.
+    """
+    seen = torch.tensor(sorted(set(samples)), dtype=torch.long)
+    profiled = getattr(profile, "indices", None)  # None: a profile pickled before the field existed
+    hit = seen if profiled is None else seen[torch.isin(seen, profiled)]
+    if hit.numel() == 0:
+        return None
+    scale = seen.numel() / hit.numel()
+    out = []
+    for prof in profile.layers:
+        if prof.sample_tokens.shape[0]:
+            out.append((prof.sample_tokens[hit] > 0).sum(0).double() * scale)
+        else:  # a profile that saw no sample at all
+            out.append(torch.zeros(prof.num_experts, dtype=torch.float64))
+    return out
 
 
 class _ZerothOrderExplorer:
@@ -212,7 +240,7 @@ class _ZerothOrderExplorer:
         return out
 
     def __call__(self, batch: dict) -> None:
-        from flux.federation.local import classification_loss
+        from flux.federation.local import task_loss
         from flux.roles import spsa_gradient
 
         live = self._live()
@@ -221,13 +249,13 @@ class _ZerothOrderExplorer:
         def loss_at(ws: dict) -> Tensor:
             for k, t in live.items():
                 t.copy_(ws[k])
-            return classification_loss(self.model, batch)
+            return task_loss(self.model, batch)
 
         with torch.no_grad():
             est = spsa_gradient(loss_at, base, sigma=self.sigma, num_perturbations=self.n, generator=self.generator)
             for k, t in live.items():
                 t.copy_(base[k] - self.lr * est[k])
-        b = batch["labels"].shape[0]
+        b = batch["input_ids"].shape[0]
         for l, e in self.rows:
             g = [est[f"{l}.{e}.gate_up"], est[f"{l}.{e}.down"]]
             d = sum(x.numel() for x in g)
@@ -239,11 +267,12 @@ class _ZerothOrderExplorer:
         return {e: view.group_weights(view.expert_to_group[e]) for l, e in self.rows if l == layer}
 
     def utilities(self, profile, samples: list[int]) -> dict:
-        seen = torch.tensor(sorted(set(samples)), dtype=torch.long)
+        routed = routed_sample_counts(profile, samples)
+        if routed is None:
+            return {}
         out = {}
         for l, e in self.rows:
-            rows = profile.layers[l].sample_tokens[seen] if seen.numel() else None
-            d_e = int((rows[:, e] > 0).sum()) if rows is not None else 0
+            d_e = float(routed[l][e])
             out[(l, e)] = float((d_e * self.sq.get((l, e), 0.0)) ** 0.5)
         return out
 
@@ -255,6 +284,7 @@ class _GradTracker:
         self.layers = layers
         self.prev: dict[int, list[Tensor]] = {}
         self.sq_norms: dict[int, Tensor] = {}
+        self.scale = 1.0  # measured steps -> all steps (flux.utility_steps)
 
     def __call__(self, micro_batch: dict, batch_size: int, index: int) -> None:
         for l, layer in enumerate(self.layers):

@@ -2,7 +2,7 @@
 
 The loop is plain: ``steps`` mini-batches drawn from the participant's data with a generator
 seeded by (run seed, round, participant) — so a participant trains the same way on any rank and
-after a resume — AdamW on the given parameters, cross-entropy on the classifier logits.  A
+after a resume — AdamW on the given parameters, the task's loss (``model.loss``).  A
 mini-batch can be split into micro-batches (gradients accumulate to the same batch gradient);
 methods that need per-sample-like gradient statistics (FLUX's Eq. 3 utility) hook in after each
 micro-batch backward.
@@ -10,11 +10,11 @@ micro-batch backward.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 MicroBatchHook = Callable[[dict, int, int], None]
@@ -43,6 +43,18 @@ def participant_generator(seed: int, round_idx: int, pid: int, stream: int = 0) 
     return torch.Generator().manual_seed(key)
 
 
+def round_lr(cfg, round_idx: int) -> float:
+    """The learning rate of round ``round_idx`` (0-based): ``cfg.lr`` for ``lr_schedule =
+    "constant"``; for ``"cosine"`` a cosine decay over the run's rounds from ``cfg.lr`` to 10% of
+    it (the server's schedule: every participant of a round uses the same rate)."""
+    if cfg.lr_schedule == "constant" or cfg.rounds <= 1:
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        frac = min(1.0, round_idx / (cfg.rounds - 1))
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+    raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}")
+
+
 def batch_stream(data, batch_size: int, generator: torch.Generator) -> Iterator[dict]:
     """Endless shuffled mini-batches over ``data`` (an ``EncodedDataset``): epoch after epoch."""
     while True:
@@ -60,14 +72,11 @@ def _slices(n: int, parts: int) -> list[slice]:
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
 
 
-def classification_loss(model: nn.Module, batch: dict, reduction: str = "mean") -> Tensor:
-    """Cross-entropy of ``model(input_ids, attention_mask)`` against ``batch["labels"]``.
-
-    Args:
-        batch: ``input_ids`` int64 [B, S], ``attention_mask`` int64 [B, S], ``labels`` int64 [B].
-    """
-    logits = model(batch["input_ids"], batch["attention_mask"])
-    return F.cross_entropy(logits.float(), batch["labels"], reduction=reduction)
+def task_loss(model: nn.Module, batch: dict, reduction: str = "mean") -> Tensor:
+    """The task's training loss, ``model.loss(batch, reduction)``: cross-entropy of the labels for
+    a classifier (``labels`` int64 [B]), answer-token cross-entropy for instruction tuning
+    (``loss_mask`` int64 [B, S]); ``"mean"`` or ``"sum"`` over the samples of ``batch``."""
+    return model.loss(batch, reduction=reduction)
 
 
 def train_local(
@@ -80,9 +89,12 @@ def train_local(
     lr: float,
     generator: torch.Generator,
     micro_batches: int = 1,
+    micro_batch_steps: Optional[int] = None,
     on_micro_batch: Optional[MicroBatchHook] = None,
     on_step: Optional[StepHook] = None,
     weight_decay: float = 0.0,
+    dense_params: Sequence[nn.Parameter] = (),
+    dense_lr: Optional[float] = None,
 ) -> LocalStats:
     """Train ``params`` of ``model`` for ``steps`` mini-batches of ``data``.
 
@@ -90,15 +102,25 @@ def train_local(
         params: the parameters to update (everything else should have ``requires_grad=False``).
         micro_batches: split each mini-batch in this many chunks; the summed micro-batch losses
             (each ``sum / B``) give exactly the mini-batch gradient.
+        micro_batch_steps: only the first this many steps are split (None = every step): the
+            later ones run whole mini-batches, which is faster on small batches.
         on_micro_batch: called as ``hook(micro_batch, batch_size, j)`` after the backward of the
             step's j-th micro-batch (the ``.grad`` fields then hold the step's running sum).
+        dense_params, dense_lr: parameters of ``params`` that train at ``dense_lr`` instead of
+            ``lr`` (the run's non-expert trainables, ``dense_lr_scale``).
         on_step: called as ``hook(batch)`` after each optimizer step (forward-only updates of
             parameters the optimizer does not own, e.g. zeroth-order exploration experts).
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     params = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if params else None
+    opt = None
+    if params:
+        # the non-expert trainables (a new task head) may learn at their own rate: they do not route
+        special = {id(p) for p in dense_params} if dense_lr is not None else set()
+        groups = [{"params": [p for p in params if id(p) not in special], "lr": lr},
+                  {"params": [p for p in params if id(p) in special], "lr": dense_lr if dense_lr is not None else lr}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
     stream = batch_stream(data, batch_size, generator)
     losses: list[float] = []
     seen: list[int] = []
@@ -106,20 +128,21 @@ def train_local(
     model.train()
     start = time.perf_counter()
     try:
-        for _ in range(steps):
+        for step in range(steps):
             batch = next(stream)
-            n = batch["labels"].shape[0]
+            n = batch["input_ids"].shape[0]
             seen.extend(batch["index"].tolist())
             if opt is not None:
                 opt.zero_grad(set_to_none=False)
             total = 0.0
-            for j, sl in enumerate(_slices(n, micro_batches)):
+            split = micro_batches if micro_batch_steps is None or step < micro_batch_steps else 1
+            for j, sl in enumerate(_slices(n, split)):
                 mb = {k: v[sl] for k, v in batch.items()}
-                loss = classification_loss(model, mb, reduction="sum") / n
+                loss = task_loss(model, mb, reduction="sum") / n
                 if opt is not None:
                     loss.backward()
                 total += float(loss.detach())
-                if on_micro_batch is not None:
+                if on_micro_batch is not None and split == micro_batches:
                     on_micro_batch(mb, n, j)
             if opt is not None:
                 opt.step()

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from flux.federation.aggregate import Update
-from flux.federation.local import participant_generator, snapshot, take_deltas, train_local
+from flux.federation.local import participant_generator, round_lr, snapshot, take_deltas, train_local
 from flux.federation.workload import dense_trainable, set_requires_grad
 
 
@@ -156,9 +156,11 @@ class Method:
 
     def _train(self, ctx: RunContext, round_idx: int, pid: int, params, **kwargs):
         cfg = ctx.cfg
+        lr = round_lr(cfg, round_idx)
         return train_local(ctx.work.model, ctx.work.train[pid], params, steps=cfg.local_steps,
-                           batch_size=cfg.batch_size, lr=cfg.lr,
-                           generator=participant_generator(cfg.seed, round_idx, pid), **kwargs)
+                           batch_size=cfg.batch_size, lr=lr, dense_params=list(self._dense(ctx).values()),
+                           dense_lr=lr * cfg.dense_lr_scale, generator=participant_generator(cfg.seed, round_idx, pid),
+                           **kwargs)
 
 
 class FedAvgMethod(Method):

@@ -20,12 +20,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from flux.federation import distributed as fd
 from flux.federation.config import ConfigError, RunConfig, config_to_toml
+from flux.federation.workload import all_threads
 
 
 class RankFailure(RuntimeError):
@@ -52,6 +53,28 @@ def dropped_participants(cfg: RunConfig, round_idx: int, sampled: list[int]) -> 
     if cfg.faults.dropout <= 0:
         return []
     return [pid for pid in sampled if _uniform(cfg.seed, round_idx, pid, 3) < cfg.faults.dropout]
+
+
+def profile_sample(num_samples: int, limit: int, generator: torch.Generator) -> Optional[torch.Tensor]:
+    """Which of ``num_samples`` local samples to profile (``flux.profile_samples = limit``):
+    None = all of them (``limit`` 0 or >= ``num_samples``), else ``limit`` drawn without
+    replacement from ``generator``, sorted (int64)."""
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if limit == 0 or limit >= num_samples:
+        return None
+    return torch.randperm(num_samples, generator=generator)[:limit].sort().values
+
+
+def profile_batches(data, indices: Optional[torch.Tensor], batch_size: int = 64) -> Iterator[dict]:
+    """Unshuffled batches of ``data`` (an ``EncodedDataset``) for profiling: all of it when
+    ``indices`` is None, else the rows at ``indices`` with ``batch["index"]`` still the samples'
+    positions in ``data`` (profiles are indexed by local sample position)."""
+    if indices is None:
+        yield from data.batches(batch_size, shuffle=False, generator=None)
+        return
+    for batch in data.subset(indices).batches(batch_size, shuffle=False, generator=None):
+        yield {**batch, "index": indices[batch["index"]]}
 
 
 def my_share(sampled: list[int], rank: int, world: int) -> list[int]:
@@ -117,6 +140,7 @@ class Run:
         except ValueError as exc:  # a budget the devices cannot meet: a config problem
             raise ConfigError("devices", f"{cfg.method} cannot run on these devices: {exc}") from exc
         self.sizes = self._tensor_sizes()
+        self.probe_profile = None  # routing of the global model on the probe data, last evaluation
         self.state = RunState()
         self.profiler = None
         self.pending: dict[int, Any] = {}  # pid -> Future[ModelProfile] for the next round
@@ -186,25 +210,38 @@ class Run:
         return int(sum(self.sizes[k] for k in keys))
 
     # ------------------------------------------------------------------ profiles
+    def _profile_inputs(self, pid: int, round_idx: int) -> tuple[Iterator[dict], int]:
+        """The batches participant ``pid`` profiles for round ``round_idx`` (a seeded sample of
+        its data when ``flux.profile_samples`` > 0) and its number of local samples."""
+        from flux.federation.local import participant_generator
+
+        data = self.work.train[pid]
+        # seeded by the round the profile is for, so a stale and a fresh profile sample alike
+        indices = profile_sample(len(data), self.cfg.flux.profile_samples,
+                                 participant_generator(self.cfg.seed, round_idx, pid, stream=5))
+        return profile_batches(data, indices), len(data)
+
     def _profile_now(self, pid: int, round_idx: int):
         from flux.profiling import profile_model
 
-        data = self.work.train[pid]
-        return profile_model(self.work.model.backbone, data.batches(64, shuffle=False, generator=None),
-                             bits=self.cfg.flux.profile_bits, num_samples=len(data))
+        batches, n = self._profile_inputs(pid, round_idx)
+        return profile_model(self.work.model.backbone, batches, bits=self.cfg.flux.profile_bits, num_samples=n)
 
     def _submit_profiles(self, round_idx: int) -> None:
-        """Stale profiling: start round ``round_idx``'s profiles now, on the current global model."""
+        """Stale profiling: start round ``round_idx``'s profiles now, on the current global model.
+
+        Called in round ``round_idx - 1`` right after its profiles were taken and before any local
+        training, so the model profiled is round ``round_idx - 1``'s *starting* model: a participant
+        idle in that round had all of it to profile (``flux.hide_idle_profiling``)."""
         from flux.profiling import StaleProfiler
 
         if self.profiler is None:
             self.profiler = StaleProfiler()
         sampled = sample_participants(self.cfg, round_idx)
         for pid in my_share(sampled, self.rank, self.world):
-            data = self.work.train[pid]
-            self.pending[pid] = self.profiler.submit(self.work.model.backbone,
-                                                     data.batches(64, shuffle=False, generator=None),
-                                                     bits=self.cfg.flux.profile_bits, num_samples=len(data))
+            batches, n = self._profile_inputs(pid, round_idx)
+            self.pending[pid] = self.profiler.submit(self.work.model.backbone, batches,
+                                                     bits=self.cfg.flux.profile_bits, num_samples=n)
 
     def _profiles_for(self, round_idx: int, sampled: list[int]) -> dict:
         mine = {}
@@ -223,10 +260,33 @@ class Run:
         self.pending = {}
         return fd.all_gather_dict(done)
 
+    # ------------------------------------------------------------------ routing drift
+    def _probe_batches(self, per_participant: int = 32):
+        """The first ``per_participant`` training samples of every participant (all local tasks),
+        with indices made unique."""
+        offset = 0
+        for data in self.work.train:
+            part = data.subset(range(min(per_participant, len(data))))
+            for batch in part.batches(64, shuffle=False, generator=None):
+                yield {**batch, "index": batch["index"] + offset}
+            offset += len(part)
+
+    def _routing_drift(self) -> Optional[float]:
+        """How much the global model's routing moved since the last evaluation: the relative L1
+        distance of full-precision expert frequencies on the probe data (the ablation's
+        ``stale_profiling_error``, measured on the real run; the paper reports < 0.02)."""
+        from flux.profiling import profile_model
+
+        current = profile_model(self.work.model.backbone, self._probe_batches(), bits=None, attention=False)
+        drift = current.relative_l1(self.probe_profile) if self.probe_profile is not None else None
+        self.probe_profile = current
+        return drift
+
     # ------------------------------------------------------------------ one round
     def round(self, r: int) -> dict:
         from flux.federation.aggregate import aggregate, apply_expert_deltas, gather_updates, validate_update
-        from flux.federation.clock import ParticipantTime, round_time
+        from flux.federation.clock import ParticipantTime, round_time, slowest_participant
+        from flux.federation.local import round_lr
         from flux.models import evaluate
 
         cfg, work = self.cfg, self.work
@@ -293,11 +353,22 @@ class Run:
         aggregation_s = time.perf_counter() - t_agg
 
         stale = self.method.needs_profiles and cfg.flux.stale_profiling and r > 0
-        sim_round = round_time(list(times.values()), aggregation_s, stale_profiling=stale) if times else aggregation_s
+        # not sampled in round r-1: that whole round was free to profile round r-1's starting model
+        hide_idle = stale and cfg.flux.hide_idle_profiling
+        previous = set(sample_participants(cfg, r - 1)) if hide_idle else set()
+        pts, idle = list(times.values()), [hide_idle and pid not in previous for pid in times]
+        sim_round = round_time(pts, aggregation_s, stale_profiling=stale, idle_last_round=idle)
+        slowest = slowest_participant(pts, aggregation_s, stale_profiling=stale, idle_last_round=idle)
+        profile_visible_s = 0.0 if slowest is None else pts[slowest].visible_profile_s(
+            aggregation_s, stale_profiling=stale, idle_last_round=idle[slowest])
         if cfg.faults.deadline_s and any(x["reason"].startswith("missed") for x in rejected):
             sim_round = max(sim_round, cfg.faults.deadline_s)
         if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
-            result = evaluate(work.model, work.test) if self.lead else None
+            result = None
+            if self.lead:
+                with all_threads():  # evaluation does not change the model: any thread count
+                    result = evaluate(work.model, work.test)
+                    result["routing_drift"] = self._routing_drift()
             result = fd.broadcast(result)
         else:
             result = {"accuracy": None, "loss": None}
@@ -314,10 +385,13 @@ class Run:
             "bytes_down": int(sum(u.stats["bytes_down"] for u in accepted)),
             "peak_memory_bytes": int(max((u.stats["peak_memory_bytes"] for u in accepted), default=0)),
             "round_sim_s": round(sim_round, 4),
+            "profile_visible_s": round(profile_visible_s, 4),
             "compute_s": round(sum(u.stats["compute_s"] for u in accepted), 4),
             "overhead_s": round(sum(u.stats.get("overhead_s", 0.0) + u.stats.get("profile_s", 0.0)
                                     for u in accepted), 4),
             "offload_bytes": int(sum(u.stats.get("offload_bytes", 0) for u in accepted)),
+            "lr": round_lr(cfg, r),
+            **{k: v for k, v in result.items() if k not in ("accuracy", "loss")},
         }
         if self.lead:
             self.metrics.append(record)
@@ -331,6 +405,8 @@ class Run:
         from flux.federation.metrics import progress_line
 
         cfg = self.cfg
+        if self.state.next_round == 0 and self.lead:
+            self._evaluate_base()
         bar = tqdm(total=cfg.rounds, initial=self.state.next_round, desc=f"flux run [{cfg.method}]",
                    disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         try:
@@ -343,6 +419,17 @@ class Run:
             if self.profiler is not None:
                 self.profiler.close()
         return self.finish() if self.lead else None
+
+    def _evaluate_base(self) -> None:
+        """The pretrained model's metrics before any federated round (``base.json``): the point
+        every curve starts from."""
+        from flux.federation.metrics import write_json_atomic
+        from flux.models import evaluate
+
+        with all_threads():
+            base = evaluate(self.work.model, self.work.test)
+            self._routing_drift()  # the reference for round 1's drift
+        write_json_atomic(self.out / "base.json", base)
 
     def finish(self) -> dict:
         from flux.federation.metrics import plot_accuracy, read_metrics, result_table, time_to_accuracy, write_json_atomic
@@ -372,13 +459,29 @@ class Run:
             "machine_flops": self.machine_flops,
             "devices": sorted({d.name for d in self.devices}),
             "model_params": self.work.model_params,
-            "pretrain": {k: v for k, v in self.work.pretrain_info.items() if isinstance(v, (int, float, str, bool))},
+            "pretrain": {k: v for k, v in self.work.pretrain_info.items()
+                         if isinstance(v, (int, float, str, bool)) or k == "quality"},
+            "base": _read_json(self.out / "base.json"),
+            "task": self.work.kind,
+            "test_examples": len(self.work.test),
+            "routing_drift_median": _median([x.get("routing_drift") for x in records]),
         }
         write_json_atomic(self.out / "summary.json", summary)
         plot_accuracy(records, self.out / "accuracy.png", target=self.cfg.target_accuracy,
                       title=f"{self.cfg.method} on {self.cfg.dataset.name}")
         (self.out / "table.md").write_text(result_table(records, summary))
         return summary
+
+
+def _median(xs) -> Optional[float]:
+    import statistics
+
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _mean(xs) -> Optional[float]:

@@ -2,7 +2,9 @@
 warm-started MoE classifier.  Built identically (same seed, same cache) on every rank."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import random
 from typing import Optional
 
@@ -11,9 +13,7 @@ from torch import nn
 
 from flux.federation.config import RunConfig
 
-# The corpus the tokenizer and the warm start see: local text only (no hub, no task data, so the
-# MultiEmo canary's request is respected: its reviews are only fine-tuned on, never pretrained on).
-PRETRAIN_SOURCES = ("pydoc", "chatterbot")
+INSTRUCTION_DATASETS = ("bigbench",)  # dataset names that mean instruction tuning (generative)
 
 
 @dataclasses.dataclass
@@ -21,12 +21,14 @@ class Workload:
     """Everything a rank needs to run participants.
 
     Attributes:
-        model: the global model (a ``flux.models.MoEClassifier``), patched (``handle``).
+        model: the global model (a ``flux.models.MoEClassifier``, or a
+            ``flux.models.causal.MoECausalLM`` for instruction tuning), patched (``handle``).
         handle: ``flux.patch`` handle of ``model.lm``.
-        train: per participant, its ``flux.data.encode.EncodedDataset``.
-        test: the held-out ``EncodedDataset`` (global evaluation).
-        label_names: class names.
-        pretrain_info: what the warm start cache reported.
+        train: per participant, its training data (``EncodedDataset`` or ``EncodedInstructions``).
+        test: the held-out data (``EncodedDataset``, or ``EncodedChoices`` scored by log-likelihood).
+        label_names: class names (classification) or task names (instruction tuning).
+        pretrain_info: what the warm start cache reported (incl. its quality report).
+        kind: ``"classification"`` or ``"instruction"``.
     """
 
     model: nn.Module
@@ -35,19 +37,15 @@ class Workload:
     test: object
     label_names: list[str]
     pretrain_info: dict
+    kind: str = "classification"
 
     @property
     def model_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def _corpus() -> list[str]:
-    from flux.data import load_dataset
-
-    texts: list[str] = []
-    for name in PRETRAIN_SOURCES:
-        texts.extend(load_dataset(name).texts)
-    return texts
+def task_kind(cfg: RunConfig) -> str:
+    return "instruction" if cfg.dataset.name in INSTRUCTION_DATASETS else "classification"
 
 
 def _split_test(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -72,18 +70,24 @@ def load_task_dataset(cfg: RunConfig):
     return data
 
 
-def build_workload(cfg: RunConfig, *, progress: bool = True) -> Workload:
-    """Data, partition, tokenizer, warm-started model: deterministic in ``cfg`` (every rank calls
-    this and gets the same thing; the tokenizer and warm start come from the shared cache, built
-    once under a file lock)."""
-    import flux
+def pretrain_corpus(cfg: RunConfig):
+    """The ``flux.data.corpus.PretrainCorpus`` of ``cfg.model.corpus``, minus the run's own task
+    data (a classification run on a corpus source drops that source)."""
+    from flux.data.corpus import pretraining_corpus
+
+    # BIG-bench evaluation tasks are excluded task by task (whole folders), so the bigbench
+    # source stays for instruction runs; a classification dataset that is a corpus source goes
+    sources = [s for s in cfg.model.corpus if s != cfg.dataset.name or task_kind(cfg) == "instruction"]
+    if not sources:
+        raise ValueError(f"model.corpus {cfg.model.corpus} has nothing left once the task data "
+                         f"({cfg.dataset.name}) is excluded from pretraining")
+    return pretraining_corpus(sources, exclude_tasks=tuple(cfg.dataset.tasks))
+
+
+def _classification_data(cfg: RunConfig, tokenizer):
     from flux.data.encode import encode_dataset
     from flux.data.partition import partition
-    from flux.data.tokenizer import get_tokenizer
-    from flux.models import MoEClassifier, pretrained_lm
 
-    corpus = _corpus()
-    tokenizer = get_tokenizer(corpus, vocab_size=cfg.dataset.vocab_size)
     data = load_task_dataset(cfg)
     label_names = sorted({e.label for e in data})
     train_idx, test_idx = _split_test(len(data), cfg.dataset.test_fraction, cfg.seed)
@@ -96,15 +100,70 @@ def build_workload(cfg: RunConfig, *, progress: bool = True) -> Workload:
     encoded_train = encode_dataset(tokenizer, train_data, seq_len=seq_len, label_names=label_names)
     train = [encoded_train.subset(p) for p in parts]
     test = encode_dataset(tokenizer, data.subset(test_idx), seq_len=seq_len, label_names=label_names)
+    return train, test, label_names
 
-    model_spec = dict(cfg.model.overrides)
-    model_spec["preset"] = cfg.model.preset
-    lm, info = pretrained_lm(model_spec, tokenizer, corpus, steps=cfg.model.pretrain_steps, seq_len=seq_len,
-                             seed=cfg.seed, progress=progress)
-    model = MoEClassifier(lm, num_labels=len(label_names), seed=cfg.seed)
+
+def _instruction_data(cfg: RunConfig, tokenizer):
+    """BIG-bench multiple-choice tasks as prompt -> answer pairs, partitioned by task (a
+    participant holds one task's data, as in federated instruction tuning); the test set is a
+    held-out share of every task, scored by log-likelihood ranking of the choices."""
+    from flux.data.bigbench import MC_TASKS, load_mc_examples, split_mc
+    from flux.data.instructions import encode_choices, encode_instructions
+    from flux.data.partition import partition
+
+    tasks = list(cfg.dataset.tasks) or list(MC_TASKS)
+    examples = load_mc_examples(tasks, max_per_task=cfg.dataset.max_per_task, seed=cfg.seed)
+    train_ex, test_ex = split_mc(examples, cfg.dataset.test_per_task, cfg.seed)
+    task_of = [e.task for e in train_ex]
+    parts = partition(task_of, task_of, cfg.participants, scheme=cfg.dataset.partition,
+                      alpha=cfg.dataset.alpha, min_size=cfg.dataset.min_size, seed=cfg.seed)
+    seq_len = cfg.dataset.seq_len
+    encoded = encode_instructions(tokenizer, train_ex, seq_len=seq_len)
+    return [encoded.subset(p) for p in parts], encode_choices(tokenizer, test_ex, seq_len=seq_len), sorted(set(tasks))
+
+
+@contextlib.contextmanager
+def all_threads():
+    """Every core for the block (torch's intra-op threads), the caller's setting afterwards.
+
+    ``FLUX_MAX_THREADS`` caps it: ``flux bench`` runs several single-threaded runs side by side,
+    and OpenMP threads that outnumber the cores spin against each other (10-50x slower)."""
+    before = torch.get_num_threads()
+    cap = int(os.environ.get("FLUX_MAX_THREADS", "0") or 0)
+    torch.set_num_threads(max(1, min(cap, os.cpu_count() or 1) if cap > 0 else (os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_workload(cfg: RunConfig, *, progress: bool = True) -> Workload:
+    """Data, partition, tokenizer, warm-started model: deterministic in ``cfg`` (every rank calls
+    this and gets the same thing; the tokenizer and warm start come from the shared cache, built
+    once under a file lock)."""
+    import flux
+    from flux.data.tokenizer import get_tokenizer
+    from flux.models import MoEClassifier, pretrained_lm
+    from flux.models.causal import MoECausalLM
+
+    corpus = pretrain_corpus(cfg)
+    tokenizer = get_tokenizer(corpus.train, vocab_size=cfg.dataset.vocab_size)
+    kind = task_kind(cfg)
+    if kind == "instruction":
+        train, test, names = _instruction_data(cfg, tokenizer)
+    else:
+        train, test, names = _classification_data(cfg, tokenizer)
+    m = cfg.model
+    model_spec = dict(m.overrides)
+    model_spec["preset"] = m.preset
+    with all_threads():  # a one-time, cached job: use the whole machine even in deterministic runs
+        lm, info = pretrained_lm(model_spec, tokenizer, corpus.train, steps=m.pretrain_steps, seq_len=m.pretrain_seq_len,
+                                 batch_size=m.pretrain_batch_size, lr=m.pretrain_lr, seed=m.pretrain_seed,
+                                 progress=progress, heldout=corpus.heldout)
+    model = MoECausalLM(lm, mc_metric=cfg.dataset.mc_metric) if kind == "instruction" else MoEClassifier(lm, num_labels=len(names), seed=cfg.seed)
     handle = flux.patch(model.lm)
-    return Workload(model=model, handle=handle, train=train, test=test, label_names=label_names,
-                    pretrain_info=info)
+    return Workload(model=model, handle=handle, train=train, test=test, label_names=names,
+                    pretrain_info=info, kind=kind)
 
 
 def expert_param_ids(handle) -> set[int]:

@@ -51,9 +51,25 @@ class MoEClassifier(nn.Module):
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
         return self.head(pooled).float()
 
+    def loss(self, batch: dict, reduction: str = "mean") -> Tensor:
+        """Cross-entropy of the logits against ``batch["labels"]`` (int64 ``[B]``), ``"mean"`` or
+        ``"sum"`` over samples; ``input_ids``/``attention_mask`` int64 ``[B, S]``."""
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return F.cross_entropy(logits.float(), batch["labels"], reduction=reduction)
+
+    def evaluate(self, encoded, batch_size: int = 64) -> dict[str, float]:
+        """Accuracy and mean cross-entropy over an ``EncodedDataset`` (see :func:`evaluate`)."""
+        return _evaluate_classifier(self, encoded, batch_size)
+
+
+def evaluate(model: nn.Module, data, batch_size: int = 64) -> dict[str, float]:
+    """``model.evaluate(data)``: the task's held-out metrics (at least ``accuracy`` and ``loss``)
+    for a :class:`MoEClassifier` or a :class:`flux.models.causal.MoECausalLM`."""
+    return model.evaluate(data, batch_size=batch_size)
+
 
 @torch.no_grad()
-def evaluate(model: MoEClassifier, encoded, batch_size: int = 64) -> dict[str, float]:
+def _evaluate_classifier(model: MoEClassifier, encoded, batch_size: int = 64) -> dict[str, float]:
     """Accuracy and mean cross-entropy of ``model`` over an ``EncodedDataset`` (eval mode, no grad;
     the model's train/eval mode is restored afterwards)."""
     if len(encoded) == 0:

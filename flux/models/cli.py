@@ -6,7 +6,6 @@ import sys
 
 from flux.models.pretrain import DEFAULT_STEPS
 
-PRETRAIN_SOURCES = ("pydoc", "chatterbot")  # local text only; MultiEmo stays fine-tuning data
 
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -23,6 +22,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--cache-dir", default=None, help="cache folder (default <FLUX_CACHE>/pretrain)")
     parser.add_argument("--routing", action="store_true",
                         help="also print expert routing statistics on held-out MultiEmo text, random init vs pretrained")
+    parser.add_argument("--corpus", default="pydoc,chatterbot,bigbench", type=lambda s: [x for x in s.split(",") if x],
+                        help="pretraining sources, comma-separated (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(func=pretrain_command)
     return parser
@@ -30,19 +31,21 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def pretrain_command(args: argparse.Namespace) -> int:
     """Run ``flux pretrain``; prints the cache entry and the loss; returns the exit status."""
-    from flux.data import load_dataset
+    from flux.data.corpus import pretraining_corpus
     from flux.data.tokenizer import get_tokenizer
     from flux.models.pretrain import pretrained_lm
 
-    corpus = [t for name in PRETRAIN_SOURCES for t in load_dataset(name).texts]
-    tokenizer = get_tokenizer(corpus, vocab_size=args.vocab_size)
-    lm, info = pretrained_lm(args.model, tokenizer, corpus, steps=args.steps, seq_len=args.seq_len,
+    corpus = pretraining_corpus(args.corpus)
+    tokenizer = get_tokenizer(corpus.train, vocab_size=args.vocab_size)
+    lm, info = pretrained_lm(args.model, tokenizer, corpus.train, steps=args.steps, seq_len=args.seq_len,
                              batch_size=args.batch_size, lr=args.lr, seed=args.seed, cache_dir=args.cache_dir,
-                             progress=not args.quiet)
+                             progress=not args.quiet, heldout=corpus.heldout)
     first = f"{info['losses'][0]:.3f}" if info["losses"] else "-"
     final = f"{info['final_loss']:.3f}" if info["final_loss"] is not None else "-"
     print(f"{args.model}: {'cache hit' if info['cache_hit'] else 'trained'}  {info['path']}\n"
           f"  steps {args.steps}  loss {first} -> {final}  training {info['seconds']:.1f} s")
+    if info.get("quality"):
+        print(format_quality(info["quality"]))
     if args.routing:
         _print_routing(lm, tokenizer, args)
     return 0
@@ -76,3 +79,16 @@ def _print_routing(lm, tokenizer, args: argparse.Namespace) -> None:
             js = [js_divergence(per_domain[a][i], per_domain[b][i]) for a, b in combinations(domains, 2)]
             print(f"{i:9d}  {label:10s}  {row['max_share']:9.3f}  {row['variance']:.2e}  {row['entropy']:8.3f}  "
                   f"{sum(js) / len(js):9.4f}")
+
+
+def format_quality(q: dict) -> str:
+    """The quality report of ``flux.models.pretrain.lm_quality`` as a few readable lines."""
+    lines = [f"  held-out perplexity {q['heldout_ppl']:.1f} (unigram model {q['unigram_ppl']:.1f}) over "
+             f"{q['heldout_tokens']} tokens; per source: "
+             + ", ".join(f"{d} {p:.1f}" for d, p in q["per_domain_ppl"].items())]
+    lines.append("  routing entropy per MoE layer (1 = uniform): "
+                 + " ".join(f"{r['entropy']:.3f}" for r in q["routing"]))
+    share = q["top_fraction"]
+    lines.append(f"  share of a source's routing taken by its own top {share:.0%} of experts (uniform = {share:.2f}): "
+                 + ", ".join(f"{d} {v:.3f}" for d, v in q["top_expert_share_mean"].items()))
+    return "\n".join(lines)

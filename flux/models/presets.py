@@ -7,6 +7,10 @@ forward+backward of a ``[16, 64]`` token batch takes about 0.15 s on one CPU thr
 * ``deepseek-tiny``: DeepSeek-MoE-like fine-grained experts (transformers ``deepseek_v3``):
   16 small routed experts top-4 plus one shared expert, first layer dense, small MLA attention.
 * ``*-small``: the same shapes at twice the width (hidden and expert sizes).
+* ``mixtral-base`` (12.3 M parameters: 4 layers x 8 experts of 384, top-2, hidden 256) and
+  ``deepseek-base`` (12.1 M: 1 dense + 4 MoE layers x 32 fine-grained experts of 128, top-4, + 1
+  shared expert, hidden 192): the presets of the realistic regime, pretrained on the whole
+  offline corpus before federated fine-tuning.
 """
 from __future__ import annotations
 
@@ -48,6 +52,27 @@ _DEEPSEEK_TINY: dict[str, Any] = {
 }
 
 
+# The realistic-regime presets (10-40 M parameters with a 4,096-token vocabulary): pretrained on
+# the whole offline corpus (flux.data.corpus) until their experts specialise (docs/models.md).
+_MIXTRAL_BASE: dict[str, Any] = {
+    **_MIXTRAL_TINY,
+    "hidden_size": 256,
+    "intermediate_size": 384,  # per expert
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+_DEEPSEEK_BASE: dict[str, Any] = {
+    **_DEEPSEEK_TINY,
+    "hidden_size": 192,
+    "intermediate_size": 768,  # the dense first layer
+    "moe_intermediate_size": 128,  # fine-grained: 32 small routed experts, top-4, + 1 shared
+    "num_hidden_layers": 5,
+    "n_routed_experts": 32,
+    "num_experts_per_tok": 4,
+}
+
+
 def _doubled(preset: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     wider = dict(preset)
     for key in keys:
@@ -58,7 +83,9 @@ def _doubled(preset: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]
 PRESETS: dict[str, dict[str, Any]] = {
     "mixtral-tiny": _MIXTRAL_TINY,
     "mixtral-small": _doubled(_MIXTRAL_TINY, ("hidden_size", "intermediate_size")),
+    "mixtral-base": _MIXTRAL_BASE,
     "deepseek-tiny": _DEEPSEEK_TINY,
+    "deepseek-base": _DEEPSEEK_BASE,
     "deepseek-small": _doubled(_DEEPSEEK_TINY, ("hidden_size", "intermediate_size", "moe_intermediate_size")),
 }
 

@@ -71,11 +71,18 @@ class LayerProfile:
 
 @dataclass
 class ModelProfile:
-    """Profiles of all MoE layers (depth order), the precision they were taken at, and the time."""
+    """Profiles of all MoE layers (depth order), the precision they were taken at, and the time.
+
+    ``indices`` (int64 [n], sorted, unique) are the sample indices the batches held: which rows of
+    ``sample_tokens`` were profiled, including samples whose tokens were all padding.  A profile of
+    a sample of the data (``flux.profile_samples``) leaves the other rows zero; None = unknown
+    (take every row as profiled).
+    """
 
     layers: list[LayerProfile]
     bits: Optional[int]
     seconds: float
+    indices: Optional[Tensor] = None
 
     def frequencies(self) -> list[Tensor]:
         """float64 [E_l] per layer."""
@@ -102,11 +109,14 @@ class ModelProfile:
         return sum(errors) / len(errors)
 
     def to_dict(self) -> dict:
-        return {"bits": self.bits, "seconds": self.seconds, "layers": [layer.to_dict() for layer in self.layers]}
+        return {"bits": self.bits, "seconds": self.seconds, "layers": [layer.to_dict() for layer in self.layers],
+                "indices": None if self.indices is None else self.indices.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelProfile":
-        return cls([LayerProfile.from_dict(x) for x in d["layers"]], d["bits"], float(d["seconds"]))
+        indices = d.get("indices")  # absent in dicts written before the field existed
+        return cls([LayerProfile.from_dict(x) for x in d["layers"]], d["bits"], float(d["seconds"]),
+                   None if indices is None else torch.tensor(indices, dtype=torch.int64))
 
 
 # ---------------------------------------------------------------------------------------- attention
@@ -399,10 +409,12 @@ def profile_model(
 
     run = snapshot if snapshot is not None else model
     taps = _RouterTaps(sites, gates, stats)
+    seen: list[Tensor] = []  # the batches' sample indices: the profiled rows
     try:
         with _profiling_mode(module, eager=attention), torch.no_grad():
             for position, batch in enumerate(batches):
                 ids, mask, index = _check_batch(batch, position, num_samples)
+                seen.append(index)
                 valid = mask.reshape(-1).to(device).bool()
                 taps.valid, taps.ids = valid, [None] * len(sites)
                 kwargs = {"output_attentions": True} if attention else {}
@@ -422,4 +434,5 @@ def profile_model(
     finally:
         taps.remove()
     layers = [s.result() for s in stats]
-    return ModelProfile(layers, snapshot.bits if snapshot is not None else None, time.perf_counter() - start)
+    indices = torch.unique(torch.cat(seen)) if seen else torch.zeros(0, dtype=torch.int64)  # sorted
+    return ModelProfile(layers, snapshot.bits if snapshot is not None else None, time.perf_counter() - start, indices)

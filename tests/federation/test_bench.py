@@ -9,16 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from flux.bench import overrides_of, speedups, summarize
+from flux.bench import (BenchConfigError, load_bench_config, median_curve, overrides_of, speedups, summarize,
+                        target_from_fedavg)
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(sim, wall, final, rnd=3):
-    tta = None if sim is None else {"sim_s": sim, "wall_s": wall, "round": rnd}
-    return {"summary": {"time_to_accuracy": tta, "final_accuracy": final, "best_accuracy": final,
+def _run(sim, wall, final, rnd=3, base=0.25):
+    """A finished run whose curve first reaches accuracy 1.0 at (sim, wall) (never when sim is None)."""
+    metrics = [{"round": 1, "accuracy": 0.0, "sim_s": 1.0, "wall_s": 0.1}]
+    if sim is not None:
+        metrics.append({"round": rnd, "accuracy": 1.0, "sim_s": sim, "wall_s": wall})
+    return {"summary": {"final_accuracy": final, "best_accuracy": final, "base": {"accuracy": base},
                         "peak_memory_bytes": 10, "bytes_up": 1, "bytes_down": 2, "offload_bytes": 3,
-                        "sim_s": 100.0, "wall_s": 10.0, "overhead_fraction": 0.05}, "metrics": []}
+                        "sim_s": 100.0, "wall_s": 10.0, "overhead_fraction": 0.05, "test_examples": 1200},
+            "metrics": metrics}
 
 
 def test_summarize_takes_medians_and_needs_a_majority():
@@ -38,6 +43,38 @@ def test_speedup_is_over_the_fastest_baseline_that_reached():
     assert g["flux_minus_fedavg_final_accuracy"] == pytest.approx(-0.02)
 
 
+def test_standard_errors_over_seeds_and_of_the_test_set():
+    s = summarize([_run(10, 1, 0.5), _run(30, 3, 0.7), _run(20, 2, 0.6)], 0.5)
+    assert s["final_accuracy_se_seeds"] == pytest.approx(0.1 / 3 ** 0.5)
+    assert s["final_accuracy_se_test"] == pytest.approx((0.6 * 0.4 / 1200) ** 0.5)
+    assert s["base_accuracy"] == 0.25
+
+
+def test_target_from_fedavg_is_the_stated_share_of_its_gain():
+    runs = [_run(10, 1, 0.55), _run(10, 1, 0.65), _run(10, 1, 0.6)]
+    assert target_from_fedavg(runs, 0.95) == pytest.approx(0.25 + 0.95 * 0.35)
+    with pytest.raises(BenchConfigError, match="fedavg"):
+        target_from_fedavg(None, 0.95)
+
+
+def test_median_curve_over_seeds():
+    a = [{"round": 1, "accuracy": 0.2, "sim_s": 10.0}, {"round": 2, "accuracy": None, "sim_s": 20.0},
+         {"round": 3, "accuracy": 0.5, "sim_s": 30.0}]
+    b = [{"round": 1, "accuracy": 0.4, "sim_s": 12.0}, {"round": 3, "accuracy": 0.7, "sim_s": 34.0}]
+    c = [{"round": 1, "accuracy": 0.3, "sim_s": 11.0}, {"round": 3, "accuracy": 0.6, "sim_s": 32.0}]
+    assert median_curve([a, b, c]) == [(11.0, 0.3, 0.2, 0.4), (32.0, 0.6, 0.5, 0.7)]
+
+
+def test_bench_config_rejects_a_bad_target_rule(tmp_path):
+    path = tmp_path / "b.toml"
+    path.write_text('methods = ["flux"]\n[[settings]]\nname = "s"\ntarget_from_fedavg = 0.9\n')
+    with pytest.raises(BenchConfigError, match="fedavg among the methods"):
+        load_bench_config(path)
+    path.write_text('[[settings]]\nname = "s"\ntarget_from_fedavg = 2\n')
+    with pytest.raises(BenchConfigError, match="fraction"):
+        load_bench_config(path)
+
+
 def test_overrides_flatten_nested_tables():
     assert overrides_of({"a": 1, "d": {"name": "x", "n": {"k": True}}}) == ['a=1', 'd.name="x"', 'd.n.k=true']
 
@@ -48,6 +85,11 @@ def test_bench_ci_config_end_to_end(tmp_path):
                           "--out", str(out), "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
+    assert set(doc["results"]) == {"chatterbot-tiny", "bigbench-tiny"}
+    gen = doc["results"]["bigbench-tiny"]
+    assert set(gen) == {"fedavg", "fmd", "fmq", "fmes", "flux"}
+    assert doc["targets"]["bigbench-tiny"] == pytest.approx(  # the stated rule, from fedavg's runs
+        gen["fedavg"]["base_accuracy"] + 0.95 * (gen["fedavg"]["final_accuracy"] - gen["fedavg"]["base_accuracy"]))
     methods = doc["results"]["chatterbot-tiny"]
     assert set(methods) == {"fedavg", "fmd", "fmq", "fmes", "flux"}
     for name, r in methods.items():

@@ -58,3 +58,45 @@ def test_worked_example_of_the_docs():
     assert pt.download_s == pytest.approx(6.7e9 * 2 / 62.5e6)
     assert round_time([pt], 0.05, stale_profiling=True) == pytest.approx(225.72)
     assert round_time([pt], 0.05, stale_profiling=False) == pytest.approx(225.77)
+    assert round_time([pt], 0.05, stale_profiling=True, idle_last_round=[True]) == pytest.approx(225.67)
+
+
+def test_visible_profile_by_branch_hand_computed():
+    """aggregation 1.0; a profiles 0.5 s, b 3.0 s (both total 3.5 s)."""
+    from flux.federation.clock import slowest_participant
+
+    a = ParticipantTime(download_s=1.0, profile_s=0.5, compute_s=2.0, offload_s=0.0, upload_s=0.5)
+    b = ParticipantTime(download_s=1.0, profile_s=3.0, compute_s=1.0, offload_s=1.0, upload_s=0.5)
+    # no stale profiling: all of it shows, idle or not (round 1 / the paper without staleness)
+    for idle in (False, True):
+        assert a.visible_profile_s(1.0, stale_profiling=False, idle_last_round=idle) == 0.5
+        assert b.critical_path(1.0, stale_profiling=False, idle_last_round=idle) == 3.5 + 3.0
+    # stale, sampled last round: only what outlasts the aggregation shows
+    assert a.visible_profile_s(1.0, stale_profiling=True) == 0.0
+    assert b.visible_profile_s(1.0, stale_profiling=True) == 2.0
+    # stale, idle last round: the whole idle round hid it
+    assert b.visible_profile_s(1.0, stale_profiling=True, idle_last_round=True) == 0.0
+    assert b.critical_path(1.0, stale_profiling=True, idle_last_round=True) == 3.5
+    # round: b idle -> both paths 3.5, the first is the slowest; a idle -> b's 5.5 is
+    assert round_time([a, b], 1.0, stale_profiling=True, idle_last_round=[False, True]) == 3.5 + 1.0
+    assert slowest_participant([a, b], 1.0, stale_profiling=True, idle_last_round=[False, True]) == 0
+    assert round_time([a, b], 1.0, stale_profiling=True, idle_last_round=[True, False]) == 5.5 + 1.0
+    assert slowest_participant([a, b], 1.0, stale_profiling=True, idle_last_round=[True, False]) == 1
+    assert round_time([a, b], 1.0, stale_profiling=False, idle_last_round=[True, True]) == 6.5 + 1.0
+    assert slowest_participant([], 1.0, stale_profiling=True) is None
+    assert round_time([], 0.25, stale_profiling=True, idle_last_round=[]) == 0.25
+    with pytest.raises(ValueError, match="flags"):
+        round_time([a, b], 1.0, stale_profiling=True, idle_last_round=[True])
+
+
+def test_no_idle_flags_is_bit_identical_to_the_old_clock():
+    """flux.hide_idle_profiling = false: all flags False, exactly max(total + max(0, p - agg)) + agg."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        pts = [ParticipantTime(*torch.rand(5, generator=gen, dtype=torch.float64).mul(10).tolist())
+               for _ in range(int(torch.randint(1, 6, (1,), generator=gen)))]
+        agg = float(torch.rand(1, generator=gen, dtype=torch.float64)) * 3
+        for stale in (False, True):
+            old = max(p.total + (max(0.0, p.profile_s - agg) if stale else p.profile_s) for p in pts) + agg
+            assert round_time(pts, agg, stale_profiling=stale) == old
+            assert round_time(pts, agg, stale_profiling=stale, idle_last_round=[False] * len(pts)) == old

@@ -117,6 +117,8 @@ def test_inline_table_override_merges_into_the_table():
     ("dataset.partition=dirichelt", "dataset.partition", "dirichlet"),
     ("flux.profile_bits=3", "flux.profile_bits", "one of"),
     ("flux.epsilon_end=1.2", "flux.epsilon_end", "[0, 1]"),
+    ("flux.profile_samples=-1", "flux.profile_samples", ">= 0"),
+    ("flux.hide_idle_profiling=0", "flux.hide_idle_profiling", "true or false"),
     ("checkpoint.keep=0", "checkpoint.keep", ">= 1"),
     ("dataset.vocab_size=100", "dataset.vocab_size", ">= 259"),
     ("devices.classes=[\"rtx5090\"]", "devices.classes", "rtx"),

@@ -65,8 +65,9 @@ def test_single_process_writes_every_output(single):
     assert [r["round"] for r in rows] == [1, 2, 3]
     for r in rows:
         for key in ("wall_s", "sim_s", "accuracy", "loss", "participants", "dropped", "bytes_up", "bytes_down",
-                    "peak_memory_bytes"):
+                    "peak_memory_bytes", "profile_visible_s"):
             assert key in r, key
+        assert 0 <= r["profile_visible_s"] <= r["round_sim_s"]
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["bytes_up"] > 0 and r["bytes_down"] > r["bytes_up"]  # merged experts never go up
     assert rows[-1]["sim_s"] > rows[0]["sim_s"] > 0
@@ -220,3 +221,26 @@ def test_flux_update_carries_the_trained_tuning_experts(tmp_path):
     assert all(sum(float(t.norm()) for t in d.values()) > 0 for d in update.expert_deltas.values())
     after = run.work.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the global model must stay untouched"
+
+
+def test_sampled_profiles_keep_local_rows_and_still_measure_utilities(tmp_path):
+    """flux.profile_samples = 8: the profile covers 8 local samples (rows indexed by local
+    position, the others zero) and the Eq. 3 utilities are still measured from it."""
+    from flux.federation.config import load_config
+    from flux.federation.runner import Run, sample_participants
+
+    cfg = load_config(TINY, ["rounds=1", "flux.profile_samples=8"])
+    run = Run(cfg, tmp_path / "s", resume=False, progress=False)
+    sampled = sample_participants(cfg, 0)
+    profiles = {p: run._profile_now(p, 0) for p in sampled}
+    pid = sampled[0]
+    prof, n = profiles[pid], len(run.work.train[pid])
+    assert len(prof.indices) == 8 < n and prof.layers[0].sample_tokens.shape[0] == n
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[prof.indices] = False
+    assert all(int(layer.sample_tokens[rest].sum()) == 0 for layer in prof.layers)
+    assert torch.equal(run._profile_now(pid, 0).indices, prof.indices)  # seeded by (seed, round, pid)
+    roles = run.method.plan(run.ctx, 0, sampled, profiles)
+    update = run.method.local_update(run.ctx, 0, pid, roles[pid], prof)
+    assert update.utilities and all(math.isfinite(v) and v >= 0 for v in update.utilities.values())
+    assert any(v > 0 for v in update.utilities.values())
