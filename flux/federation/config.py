@@ -44,9 +44,9 @@ class ConfigError(ValueError):
 class DatasetConfig:
     name: str = "multiemo"
     partition: str = "dirichlet"
-    alpha: float = 0.5
+    alpha: float = 5.0
     min_size: int = 8
-    max_examples: int = 2000
+    max_examples: int = 6000
     seq_len: int = 64
     test_fraction: float = 0.2
     vocab_size: int = 4096
@@ -59,8 +59,8 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = "mixtral-tiny"
-    pretrain_steps: int = 300
+    preset: str = "mixtral-base"
+    pretrain_steps: int = 800
     overrides: dict = field(default_factory=dict)
     # the pretraining corpus (flux.data.corpus.SOURCES) and recipe
     corpus: list[str] = field(default_factory=lambda: ["pydoc", "chatterbot", "bigbench"])
@@ -81,7 +81,7 @@ class DevicesConfig:
 class FluxConfig:
     profile_bits: int = 4
     stale_profiling: bool = True
-    profile_samples: int = 0  # 0 = profile all local data (the paper); N > 0 = a seeded sample of at most N
+    profile_samples: int = 64  # 0 = profile all local data (the paper); N > 0 = a seeded sample of at most N
     hide_idle_profiling: bool = True  # a participant idle last round profiled then: none of it is visible
     merge_mode: str = "freq_attn"
     epsilon_start: float = 0.3
@@ -92,7 +92,7 @@ class FluxConfig:
     zo_perturbations: int = 8
     max_tune_fraction: float = 0.25
     utility_micro_batches: int = 4
-    utility_steps: int = 0  # local steps that measure Eq. 3 (0 = every step, the exact estimate)
+    utility_steps: int = 2  # local steps that measure Eq. 3 (0 = every step, the exact estimate)
 
 
 @dataclass(frozen=True)
@@ -111,18 +111,18 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class RunConfig:
     method: str = "flux"
-    rounds: int = 15
+    rounds: int = 12
     participants: int = 8
     participants_per_round: int = 4
     local_steps: int = 8
-    batch_size: int = 16
-    lr: float = 3e-3
+    batch_size: int = 8
+    lr: float = 1e-3
     lr_schedule: str = "constant"
-    dense_lr_scale: float = 1.0  # lr of the non-expert trainables (e.g. a new head) = lr * this
+    dense_lr_scale: float = 10.0  # lr of the non-expert trainables (e.g. a new head) = lr * this
     seed: int = 0
     deterministic: bool = True
-    target_accuracy: float = 0.42
-    eval_every: int = 1
+    target_accuracy: float = 0.48
+    eval_every: int = 2
     non_expert: str = "head"
     threads: int = 0
     dataset: DatasetConfig = field(default_factory=DatasetConfig)

@@ -103,6 +103,29 @@ def _classification_data(cfg: RunConfig, tokenizer):
     return train, test, label_names
 
 
+MIN_PROMPT_TOKENS = 16  # an example is kept only if its longest choice leaves this much prompt
+
+
+def fitting_examples(examples: list, tokenizer, seq_len: int) -> list:
+    """The multiple-choice examples whose longest choice fits ``seq_len`` with at least
+    :data:`MIN_PROMPT_TOKENS` of prompt (longer prompts are cut from the left when encoded; a
+    choice is never cut, so an example whose choice cannot fit is left out)."""
+    room = seq_len - 1 - MIN_PROMPT_TOKENS
+    lengths = [len(ids) for ids in _choice_ids(tokenizer, examples)]
+    keep, cursor = [], 0
+    for e in examples:
+        n = len(e.choices)
+        if max(lengths[cursor:cursor + n]) <= room:
+            keep.append(e)
+        cursor += n
+    return keep
+
+
+def _choice_ids(tokenizer, examples: list) -> list[list[int]]:
+    texts = [" " + c for e in examples for c in e.choices]
+    return [enc.ids for enc in tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False)] if texts else []
+
+
 def _instruction_data(cfg: RunConfig, tokenizer):
     """BIG-bench multiple-choice tasks as prompt -> answer pairs, partitioned by task (a
     participant holds one task's data, as in federated instruction tuning); the test set is a
@@ -112,7 +135,8 @@ def _instruction_data(cfg: RunConfig, tokenizer):
     from flux.data.partition import partition
 
     tasks = list(cfg.dataset.tasks) or list(MC_TASKS)
-    examples = load_mc_examples(tasks, max_per_task=cfg.dataset.max_per_task, seed=cfg.seed)
+    examples = fitting_examples(load_mc_examples(tasks, max_per_task=cfg.dataset.max_per_task, seed=cfg.seed),
+                                tokenizer, cfg.dataset.seq_len)
     train_ex, test_ex = split_mc(examples, cfg.dataset.test_per_task, cfg.seed)
     task_of = [e.task for e in train_ex]
     parts = partition(task_of, task_of, cfg.participants, scheme=cfg.dataset.partition,
