@@ -37,6 +37,10 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
+        self.message = message
+
+    def __reduce__(self):  # picklable: bench workers send it back to the parent process
+        return (type(self), (self.key, self.message))
 
 
 # ---------------------------------------------------------------------------- the schema

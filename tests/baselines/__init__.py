@@ -27,6 +27,11 @@ class TinyClassifier(nn.Module):
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         return self.head((h * m).sum(1) / m.sum(1).clamp(min=1.0)).float()
 
+    def loss(self, batch: dict, reduction: str = "mean") -> torch.Tensor:
+        """The task-loss protocol of the engine (``flux.federation.local.task_loss``)."""
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction=reduction)
+
 
 def tiny_data(n: int, vocab: int, labels: int, seed: int) -> EncodedDataset:
     """Random token sequences with random labels (the real EncodedDataset, so batching is the
@@ -56,7 +61,8 @@ def tiny_context(memory: list[int] | None = None, *, steps: int = 2, seed: int =
     memory = memory or [1 << 40]
     work = SimpleNamespace(model=model, handle=handle,
                            train=[tiny_data(16, 128, 3, seed=100 + p) for p in range(len(memory))])
-    cfg = SimpleNamespace(lr=1e-3, local_steps=steps, batch_size=4, seed=seed, non_expert="head",
+    cfg = SimpleNamespace(lr=1e-3, lr_schedule="constant", dense_lr_scale=1.0, rounds=1, local_steps=steps,
+                          batch_size=4, seed=seed, non_expert="head",
                           flux=SimpleNamespace())
     devices = [SimpleNamespace(name=f"dev{p}", memory_bytes=m) for p, m in enumerate(memory)]
     return RunContext(cfg=cfg, work=work, devices=devices), work
