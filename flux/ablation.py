@@ -16,7 +16,7 @@ Definitions (all errors relative, lower is better):
   from the full-precision profile of all the data: quantization plus sampling error.
 * ``stale_profiling_error``: the same between the full-precision profiles of the model before
   and after one FLUX round (round r-1's model vs round r's): the participant's tuning experts
-  (top activation, ``flux.max_tune_fraction`` of each layer) train one local round of the
+  (top activation, ``STALE_TUNE_FRACTION`` of each layer) train one local round of the
   engine's defaults on a merged layout and are written back, as aggregation would.
 * ``merge_output_error[s]``: ||h_s - h|| / ||h|| over the non-padding tokens of held-out data, h
   the backbone's final hidden states with all experts, h_s with non-tuning experts merged by
@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from flux.federation.local import task_loss, participant_generator, train_local
+from flux.federation.local import task_loss, train_local
+from flux.federation.rng import participant_generator
 
 if TYPE_CHECKING:
     from flux.data.encode import EncodedDataset
@@ -61,6 +62,10 @@ PAPER = {
     "overhead_fraction": 0.05,
 }
 
+
+# the stale-profiling claim tunes this share of each layer (the rest is merged, as on a small
+# device); the engine's own budgets come from memory (flux.max_tune_fraction caps them)
+STALE_TUNE_FRACTION = 0.25
 
 def _log(msg: str) -> None:
     import sys
@@ -245,7 +250,7 @@ def measure_stale_profiling_error(setup: AblationSetup, full: ModelProfile, int4
     num_experts, n_layers = setup.num_experts, len(setup.layers)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     freqs0 = full.frequencies()
-    n_tune = max(1, int(engine.flux.max_tune_fraction * min(num_experts)))
+    n_tune = max(1, int(STALE_TUNE_FRACTION * min(num_experts)))
     tune0 = [torch.topk(f, n_tune).indices.sort().values.tolist() for f in freqs0]
     merge_model(handle, tune0, freqs0, full.attention_scores(),
                 total_budget=max(n_layers, sum(e - len(t) for e, t in zip(num_experts, tune0)) // 4), seed=seed)
@@ -272,7 +277,7 @@ def merge_layout(setup: AblationSetup, full: ModelProfile) -> MergeLayout:
     """The layout of the merging measurements: a quarter of each layer's experts (at least one)
     tune, the rest share ``total`` = a quarter of the non-tuning experts (at least one group per
     layer), split per layer adaptively (``layer_budgets``), uniformly, or one group per layer."""
-    from flux.merging.budgets import layer_budgets
+    from flux.merging.layer_budgets import layer_budgets
     from flux.merging.install import uniform_budgets
 
     num_experts, n_layers = setup.num_experts, len(setup.layers)

@@ -29,8 +29,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-BASELINE_METHODS = ("fmd", "fmq", "fmes")  # the approaches FLUX replaces (fedavg has no memory limit)
-ALL_METHODS = ("fedavg", "fmd", "fmq", "fmes", "flux")
+from flux.methods.registry import BASELINES as BASELINE_METHODS  # the approaches FLUX replaces
+from flux.methods.registry import method_names, method_problem
 
 
 class BenchConfigError(ValueError):
@@ -59,10 +59,10 @@ def load_bench_config(path: str | Path, *, methods: Optional[Sequence[str]] = No
     unknown = set(raw) - {"methods", "seeds", "base", "settings"}
     if unknown:
         raise BenchConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: methods, seeds, base, settings")
-    chosen = list(methods) if methods else list(raw.get("methods", ALL_METHODS))
-    bad = [m for m in chosen if m not in ALL_METHODS]
+    chosen = list(methods) if methods else list(raw.get("methods", method_names()))
+    bad = {m: method_problem(m) for m in chosen if method_problem(m)}
     if bad:
-        raise BenchConfigError(f"methods: unknown {bad}; known: {list(ALL_METHODS)}")
+        raise BenchConfigError("methods: " + "; ".join(bad.values()))
     seeds = raw.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise BenchConfigError(f"seeds: must be a non-empty list of ints, got {seeds!r}")
@@ -138,6 +138,7 @@ def summarize(runs: list[dict], target: float) -> dict:
         "sim_s": _median([r["summary"]["sim_s"] for r in runs]),
         "wall_s": _median([r["summary"]["wall_s"] for r in runs]),
         "overhead_fraction": _median([r["summary"].get("overhead_fraction") for r in runs]),
+        "critical_overhead_fraction": _median([r["summary"].get("critical_overhead_fraction") for r in runs]),
         "seeds": len(runs),
     }
 
@@ -177,7 +178,7 @@ def bench_table(results: dict, gains: dict, targets: dict) -> str:
         lines.append(f"### {setting} (target accuracy {targets[setting]:.3f}; pretrained model before fine-tuning: "
                      f"{fmt(base, '.3f')})\n")
         lines.append("| method | reached | rounds | TTA sim (s) | TTA wall (s) | final acc (± SE seeds) | best acc | "
-                     "peak mem (MB) | moved (MB) | overhead | routing drift |")
+                     "peak mem (MB) | moved (MB) | overhead: critical path / work | routing drift |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for m, r in by_method.items():
             se = r.get("final_accuracy_se_seeds")
@@ -185,7 +186,8 @@ def bench_table(results: dict, gains: dict, targets: dict) -> str:
                          f"{fmt(r['tta_sim_s'], '.1f')} | {fmt(r['tta_wall_s'], '.1f')} | "
                          f"{fmt(r['final_accuracy'], '.3f')}{'' if se is None else f' ± {se:.3f}'} | "
                          f"{fmt(r.get('best_accuracy'), '.3f')} | {r['peak_memory_bytes'] / 2**20:.1f} | "
-                         f"{r['bytes_moved'] / 2**20:.1f} | {fmt(r.get('overhead_fraction'), '.1%')} | "
+                         f"{r['bytes_moved'] / 2**20:.1f} | {fmt(r.get('critical_overhead_fraction'), '.1%')} / "
+                         f"{fmt(r.get('overhead_fraction'), '.1%')} | "
                          f"{fmt(r.get('routing_drift_median'), '.3f')} |")
         g = gains.get(setting, {})
         se_test = next((r.get("final_accuracy_se_test") for r in by_method.values()
@@ -303,7 +305,8 @@ def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional
         targets[name] = load_config(None, overrides_of(bench["base"], setting.get("config", {}))).target_accuracy
         for method in bench["methods"]:
             for seed in bench["seeds"]:
-                tasks.append((setting, bench["base"], method, seed, out / "runs" / name / method / f"seed{seed}"))
+                run_dir = out / "runs" / name / method.replace(":", "-") / f"seed{seed}"
+                tasks.append((setting, bench["base"], method, seed, run_dir))
     if jobs > 1:
         import concurrent.futures as cf
         import multiprocessing as mp

@@ -12,39 +12,15 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-ExpertKey = tuple[int, int]  # (layer, expert)
+from flux.federation.update import ExpertKey, Update
 
-
-@dataclass
-class Update:
-    """What one participant uploads after a round.
-
-    Attributes:
-        participant: participant id.
-        expert_deltas: (layer, expert) -> {"gate_up": [2I, H], "down": [H, I]} weight deltas
-            (new - old), floating point; biases as "gate_up_bias" [2I] / "down_bias" [H] when the
-            experts have them.
-        expert_tokens: (layer, expert) -> tokens this participant routed to the expert this
-            round (the aggregation weight).
-        dense_deltas: name -> delta of a non-expert trainable parameter (e.g. the classifier head).
-        num_samples: local samples trained on (the weight of the dense deltas).
-        utilities: (layer, expert) -> utility for role assignment.
-        stats: timings, bytes moved, peak memory, ... (free-form, JSON-friendly values).
-    """
-
-    participant: int
-    expert_deltas: dict[ExpertKey, dict[str, Tensor]] = field(default_factory=dict)
-    expert_tokens: dict[ExpertKey, int] = field(default_factory=dict)
-    dense_deltas: dict[str, Tensor] = field(default_factory=dict)
-    num_samples: int = 0
-    utilities: dict[ExpertKey, float] = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)
+__all__ = ["ExpertKey", "Update", "aggregate", "apply_expert_deltas", "broadcast_object", "gather_updates",
+           "validate_update"]
 
 
 # ---------------------------------------------------------------------------- validation

@@ -38,7 +38,7 @@ def run_command(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"flux run: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    out = args.resume or args.out or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.resume or args.out or f"runs/{cfg.method.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     from flux.federation.runner import RankFailure, run
 
     try:

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from flux.federation.profiles import DeviceProfile
+from flux.federation.devices import DeviceProfile
 
 # (size, repeats, threads) -> FLOP/s; the machine does not change within a process.
 _MATMUL_FLOPS_CACHE: dict[tuple[int, int, int], float] = {}

@@ -19,7 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-METHODS = ("flux", "fedavg", "fmd", "fmq", "fmes")
+from flux.federation.errors import ConfigError
+
 NON_EXPERT_MODES = ("frozen", "head", "tuned")
 PARTITIONS = ("iid", "dirichlet", "domain")  # flux.data.partition.SCHEMES
 MERGE_MODES = ("freq_attn", "freq", "avg")  # flux.merging.merge.MERGE_MODES
@@ -29,18 +30,6 @@ LR_SCHEDULES = ("constant", "cosine")  # flux.federation.local.round_lr
 CORPUS_SOURCES = ("pydoc", "chatterbot", "bigbench")  # flux.data.corpus.SOURCES
 PROFILE_BITS = (4, 8)
 MIN_VOCAB = 259  # flux.data.tokenizer: 256 byte tokens + 3 specials
-
-
-class ConfigError(ValueError):
-    """A bad config value; ``key`` is the dotted key (e.g. ``"faults.dropout"``)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}" if key else message)
-        self.key = key
-        self.message = message
-
-    def __reduce__(self):  # picklable: bench workers send it back to the parent process
-        return (type(self), (self.key, self.message))
 
 
 # ---------------------------------------------------------------------------- the schema
@@ -88,13 +77,13 @@ class FluxConfig:
     profile_samples: int = 64  # 0 = profile all local data (the paper); N > 0 = a seeded sample of at most N
     hide_idle_profiling: bool = True  # a participant idle last round profiled then: none of it is visible
     merge_mode: str = "freq_attn"
-    epsilon_start: float = 0.3
+    epsilon_start: float = 0.6  # docs/techniques.md: measured against 0.3 -> 0.9 over 10 rounds
     epsilon_end: float = 0.9
-    epsilon_rounds: int = 10
+    epsilon_rounds: int = 5
     exploration: str = "backprop"
     zo_sigma: float = 1e-3
     zo_perturbations: int = 8
-    max_tune_fraction: float = 0.25
+    max_tune_fraction: float = 1.0  # 1 = memory alone decides B_tune (docs/techniques.md)
     utility_micro_batches: int = 4
     utility_steps: int = 2  # local steps that measure Eq. 3 (0 = every step, the exact estimate)
 
@@ -273,6 +262,16 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+def _check_method(name: Any) -> None:
+    """A built-in method name or a user's ``"module:Class"`` (checked without importing it)."""
+    from flux.methods.registry import BUILTIN, method_problem
+
+    problem = method_problem(name)
+    if problem:
+        close = difflib.get_close_matches(str(name), list(BUILTIN), n=1)
+        raise ConfigError("method", problem + (f"; did you mean {close[0]!r}?" if close else ""))
+
+
 def _one_of(value: Any, choices: Sequence, key: str) -> None:
     if value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -282,7 +281,7 @@ def _one_of(value: Any, choices: Sequence, key: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Range and consistency checks; raises :class:`ConfigError` naming the first bad key."""
-    _one_of(cfg.method, METHODS, "method")
+    _check_method(cfg.method)
     _check(cfg.rounds >= 1, "rounds", f"must be >= 1, got {cfg.rounds}")
     _check(cfg.participants >= 1, "participants", f"must be >= 1, got {cfg.participants}")
     _check(1 <= cfg.participants_per_round <= cfg.participants, "participants_per_round",
@@ -355,7 +354,7 @@ def validate(cfg: RunConfig) -> None:
 
 
 def _validate_devices(dev: DevicesConfig) -> None:
-    from flux.federation.profiles import DEVICE_CLASSES, profile_from_dict
+    from flux.federation.devices import DEVICE_CLASSES, profile_from_dict
 
     _one_of(dev.assignment, ASSIGNMENTS, "devices.assignment")
     if dev.profiles:

@@ -36,13 +36,6 @@ class LocalStats:
     samples: list[int]
 
 
-def participant_generator(seed: int, round_idx: int, pid: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator unique to (seed, round, participant, stream); independent of rank layout."""
-    # Large odd multipliers keep the streams of neighbouring (round, pid) pairs apart.
-    key = (seed * 1_000_003 + round_idx * 7_919 + pid * 104_729 + stream * 15_485_863) % (2**63 - 1)
-    return torch.Generator().manual_seed(key)
-
-
 def round_lr(cfg, round_idx: int) -> float:
     """The learning rate of round ``round_idx`` (0-based): ``cfg.lr`` for ``lr_schedule =
     "constant"``; for ``"cosine"`` a cosine decay over the run's rounds from ``cfg.lr`` to 10% of

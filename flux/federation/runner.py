@@ -6,10 +6,15 @@ server's decisions (sampling, dropout, roles, aggregation) are computed identica
 from gathered data, so no rank has to broadcast decisions, and W = 1 and W = 2 give bit-identical
 global weights in deterministic mode (single-threaded kernels, fixed summation order).
 
-Round r:
-    sample -> profiles (stale: computed during round r-1 on round r-1's model) -> gather ->
-    roles -> local updates -> gather -> validate (reject NaN/Inf/shape) -> deadline -> expert-wise
-    aggregation -> apply -> evaluate (rank 0) -> clocks, metrics, atomic checkpoint.
+A round (:meth:`Run.round`) is a short sequence of named steps; the method
+(:class:`flux.methods.api.Method`) owns the decisions and the aggregation:
+
+    sample -> profiles (stale: computed during round r-1 on its starting model) -> method.plan ->
+    participant work (method.local_update) -> admission (validation, deadline, dropouts) ->
+    method.aggregate -> apply -> method.observe -> clock -> evaluate (rank 0) -> report ->
+    atomic checkpoint.
+
+docs/architecture.md maps every step and equation to its file.
 """
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -26,6 +30,8 @@ import torch
 
 from flux.federation import distributed as fd
 from flux.federation.config import ConfigError, RunConfig, config_to_toml
+from flux.federation.rng import Stream, participant_generator
+from flux.federation.update import Failure, Update
 from flux.federation.workload import all_threads
 
 
@@ -34,17 +40,13 @@ class RankFailure(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- deterministic draws
-def _uniform(seed: int, round_idx: int, pid: int, stream: int) -> float:
-    from flux.federation.local import participant_generator
-
+def _uniform(seed: int, round_idx: int, pid: int, stream: Stream) -> float:
     return float(torch.rand(1, generator=participant_generator(seed, round_idx, pid, stream)))
 
 
 def sample_participants(cfg: RunConfig, round_idx: int) -> list[int]:
     """The round's participants: a seeded draw without replacement, sorted."""
-    from flux.federation.local import participant_generator
-
-    gen = participant_generator(cfg.seed, round_idx, 0, stream=2)
+    gen = participant_generator(cfg.seed, round_idx, 0, Stream.PARTICIPANT_SAMPLING)
     return sorted(torch.randperm(cfg.participants, generator=gen)[: cfg.participants_per_round].tolist())
 
 
@@ -52,7 +54,7 @@ def dropped_participants(cfg: RunConfig, round_idx: int, sampled: list[int]) -> 
     """Simulated dropout: each sampled participant fails this round with probability faults.dropout."""
     if cfg.faults.dropout <= 0:
         return []
-    return [pid for pid in sampled if _uniform(cfg.seed, round_idx, pid, 3) < cfg.faults.dropout]
+    return [pid for pid in sampled if _uniform(cfg.seed, round_idx, pid, Stream.DROPOUT) < cfg.faults.dropout]
 
 
 def profile_sample(num_samples: int, limit: int, generator: torch.Generator) -> Optional[torch.Tensor]:
@@ -119,21 +121,26 @@ class Run:
 
     def __init__(self, cfg: RunConfig, out_dir: Path, *, resume: bool, progress: bool) -> None:
         from flux.federation.clock import SimClock, measure_matmul_flops
-        from flux.federation.methods import RunContext, make_method
-        from flux.federation.profiles import participant_profiles
+        from flux.federation.devices import participant_profiles
+        from flux.federation.report import RunReporter
         from flux.federation.workload import build_workload
+        from flux.methods.api import RunContext
+        from flux.methods.registry import make_method
 
         self.cfg = cfg
         self.out = out_dir
         self.rank, self.world = fd.rank_and_world()
         self.lead = self.rank == 0
-        self.progress = progress and self.lead
-        self.work = build_workload(cfg, progress=self.progress)
+        self.reporter = RunReporter(out_dir, lead=self.lead, progress=progress)
+        try:  # first: a user's "module:Class" that does not import is reported before any work
+            self.method = make_method(cfg.method)
+        except ValueError as exc:
+            raise ConfigError("method", str(exc)) from exc
+        self.work = build_workload(cfg, progress=self.reporter.progress)
         self.devices = participant_profiles(cfg.devices, cfg.participants, self.work.model_params)
         # One throughput for all ranks (rank 0's), so the simulated clock does not depend on layout.
         self.machine_flops = fd.broadcast(measure_matmul_flops() if self.lead else None)
         self.clock = SimClock(self.machine_flops)
-        self.method = make_method(cfg.method)
         self.ctx = RunContext(cfg=cfg, work=self.work, devices=self.devices, rank=self.rank, world=self.world)
         try:
             self.method.setup(self.ctx)
@@ -146,13 +153,7 @@ class Run:
         self.pending: dict[int, Any] = {}  # pid -> Future[ModelProfile] for the next round
         if resume:
             self._restore()
-        if self.lead:
-            from flux.federation.metrics import MetricsWriter
-
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.toml").write_text(config_to_toml(cfg))
-            self.metrics = MetricsWriter(self.out)
-            self.metrics.truncate_after(self.state.next_round)
+        self.reporter.start(config_to_toml(cfg), self.state.next_round)
 
     # ------------------------------------------------------------------ checkpoints
     def _restore(self) -> None:
@@ -160,8 +161,7 @@ class Run:
 
         found = load_latest(self.out)
         if found is None:
-            if self.lead:
-                print(f"flux run: no checkpoint in {self.out}/checkpoints; starting from round 1", file=sys.stderr)
+            self.reporter.notice(f"no checkpoint in {self.out}/checkpoints; starting from round 1")
             return
         _, state = found
         self.work.model.load_state_dict(state["model"])
@@ -171,8 +171,7 @@ class Run:
                               changed=state["changed"])
         if "rng" in state:
             set_rng_state(state["rng"])
-        if self.lead:
-            print(f"flux run: resumed from round {self.state.next_round} ({self.out}/checkpoints)", file=sys.stderr)
+        self.reporter.notice(f"resumed from round {self.state.next_round} ({self.out}/checkpoints)")
 
     def _checkpoint(self, next_round: int, profiles: dict) -> None:
         from flux.federation.checkpoint import rng_state, save_checkpoint
@@ -194,14 +193,14 @@ class Run:
                 w = layer.expert_weights(e)
                 sizes[(l, e)] = sum(t.numel() * t.element_size() for t in (w.gate_up, w.down, w.gate_up_bias,
                                                                            w.down_bias) if t is not None)
-        for name, p in self.method._dense(self.ctx).items():
+        for name, p in self.method.dense_parameters(self.ctx).items():
             sizes[name] = p.numel() * p.element_size()
         return sizes
 
     def download_bytes(self, pid: int, round_idx: int) -> int:
         """What participant ``pid`` fetches at the start of ``round_idx``: the whole model the first
         time, afterwards the global tensors changed since its last sync (it keeps its copy)."""
-        from flux.federation.methods import model_weight_bytes
+        from flux.methods.uploads import model_weight_bytes
 
         last = self.state.last_sync.get(pid)
         if last is None:
@@ -213,12 +212,10 @@ class Run:
     def _profile_inputs(self, pid: int, round_idx: int) -> tuple[Iterator[dict], int]:
         """The batches participant ``pid`` profiles for round ``round_idx`` (a seeded sample of
         its data when ``flux.profile_samples`` > 0) and its number of local samples."""
-        from flux.federation.local import participant_generator
-
         data = self.work.train[pid]
         # seeded by the round the profile is for, so a stale and a fresh profile sample alike
         indices = profile_sample(len(data), self.cfg.flux.profile_samples,
-                                 participant_generator(self.cfg.seed, round_idx, pid, stream=5))
+                                 participant_generator(self.cfg.seed, round_idx, pid, Stream.PROFILE_SAMPLE))
         return profile_batches(data, indices), len(data)
 
     def _profile_now(self, pid: int, round_idx: int):
@@ -284,204 +281,239 @@ class Run:
 
     # ------------------------------------------------------------------ one round
     def round(self, r: int) -> dict:
-        from flux.federation.aggregate import aggregate, apply_expert_deltas, gather_updates, validate_update
-        from flux.federation.clock import ParticipantTime, round_time, slowest_participant
-        from flux.federation.local import round_lr
-        from flux.models import evaluate
-
-        cfg, work = self.cfg, self.work
+        """Round ``r`` (0-based): the steps of the module docstring; returns its metrics record."""
         t0 = time.perf_counter()
-        sampled = sample_participants(cfg, r)
-        dropped = set(dropped_participants(cfg, r, sampled))
-        profiles: dict = {}
-        if self.method.needs_profiles:
-            profiles = self._profiles_for(r, sampled)
-            if cfg.flux.stale_profiling and r + 1 < cfg.rounds:
-                self._submit_profiles(r + 1)
+        sampled, dropped = self._sample(r)
+        profiles = self._round_profiles(r, sampled)
         plans = self.method.plan(self.ctx, r, sampled, profiles)
-        local = []
-        for pid in my_share(sampled, self.rank, self.world):
-            if pid in dropped:
-                continue
-            local.append(self.method.local_update(self.ctx, r, pid, plans[pid], profiles.get(pid)))
-        updates = gather_updates(local)
-
+        updates = self._participant_work(r, sampled, dropped, plans, profiles)
+        admitted = self._admit(r, updates, dropped)
         t_agg = time.perf_counter()
-        layer0 = work.handle.moe_layers[0]
-        h, i = layer0.hidden_size, layer0.intermediate_size
-        expert_shapes = {"gate_up": torch.Size([2 * i, h]), "down": torch.Size([h, i])}
-        if layer0.source.has_bias:
-            expert_shapes.update(gate_up_bias=torch.Size([2 * i]), down_bias=torch.Size([h]))
-        num_experts = [layer.num_experts for layer in work.handle.moe_layers]
-        dense = self.method._dense(self.ctx)
-        dense_shapes = {k: p.shape for k, p in dense.items()}
-        accepted, rejected, times = [], [], {}
-        for u in updates:
-            reason = validate_update(u, expert_shapes, dense_shapes, num_experts=num_experts)
-            if reason is not None:
-                rejected.append({"participant": u.participant, "reason": reason})
-                if self.lead:
-                    print(f"round {r + 1}: rejected the update of participant {u.participant}: {reason}", file=sys.stderr)
-                continue
-            dev = self.devices[u.participant]
-            s = u.stats
-            s["bytes_down"] = self.download_bytes(u.participant, r)
-            pt = ParticipantTime(
-                download_s=self.clock.transfer(s["bytes_down"], dev.network_bytes_per_s),
-                profile_s=self.clock.compute(s.get("profile_s", 0.0), dev),
-                compute_s=self.clock.compute(s["compute_s"] + s.get("overhead_s", 0.0), dev),
-                offload_s=self.clock.transfer(s.get("offload_bytes", 0), dev.host_link_bytes_per_s),
-                upload_s=self.clock.transfer(s["bytes_up"], dev.network_bytes_per_s),
-            )
-            stale = self.method.needs_profiles and cfg.flux.stale_profiling and r > 0
-            total = pt.total if stale else pt.total + pt.profile_s
-            if cfg.faults.deadline_s and total > cfg.faults.deadline_s:
-                rejected.append({"participant": u.participant, "reason": f"missed the {cfg.faults.deadline_s} s deadline"})
-                continue
-            times[u.participant] = pt
-            accepted.append(u)
-        expert_mean, dense_mean = aggregate(accepted)
-        self.state.changed[r] = set(expert_mean) | {k for k, v in dense_mean.items()}
-        for pid in sampled:
-            if pid not in dropped:
-                self.state.last_sync[pid] = r
-        apply_expert_deltas(work.handle, expert_mean)
-        with torch.no_grad():
-            for name, delta in dense_mean.items():
-                dense[name].add_(delta.to(dense[name].dtype))
-        self.method.observe(self.ctx, r, accepted)
-        aggregation_s = time.perf_counter() - t_agg
-
-        stale = self.method.needs_profiles and cfg.flux.stale_profiling and r > 0
-        # not sampled in round r-1: that whole round was free to profile round r-1's starting model
-        hide_idle = stale and cfg.flux.hide_idle_profiling
-        previous = set(sample_participants(cfg, r - 1)) if hide_idle else set()
-        pts, idle = list(times.values()), [hide_idle and pid not in previous for pid in times]
-        sim_round = round_time(pts, aggregation_s, stale_profiling=stale, idle_last_round=idle)
-        slowest = slowest_participant(pts, aggregation_s, stale_profiling=stale, idle_last_round=idle)
-        profile_visible_s = 0.0 if slowest is None else pts[slowest].visible_profile_s(
-            aggregation_s, stale_profiling=stale, idle_last_round=idle[slowest])
-        if cfg.faults.deadline_s and any(x["reason"].startswith("missed") for x in rejected):
-            sim_round = max(sim_round, cfg.faults.deadline_s)
-        if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
-            result = None
-            if self.lead:
-                with all_threads():  # evaluation does not change the model: any thread count
-                    result = evaluate(work.model, work.test)
-                    result["routing_drift"] = self._routing_drift()
-            result = fd.broadcast(result)
-        else:
-            result = {"accuracy": None, "loss": None}
+        delta = self.method.aggregate(self.ctx, r, admitted.accepted, admitted.failures)
+        self._apply(r, delta, sampled, dropped)
+        self.method.observe(self.ctx, r, admitted.accepted)
+        timing = self._round_timing(r, admitted, time.perf_counter() - t_agg)
+        result = self._evaluate(r)
         next_profiles = self._collect_pending() if (self.pending or self.world > 1) and self.method.needs_profiles else {}
-        self.state.sim_s += sim_round
+        self.state.sim_s += timing.round_s
         self.state.wall_s += time.perf_counter() - t0
-        record = {
-            "round": r + 1, "wall_s": round(self.state.wall_s, 3), "sim_s": round(self.state.sim_s, 3),
-            "accuracy": result["accuracy"], "loss": result["loss"],
-            "train_loss": _mean([u.stats.get("loss") for u in accepted]),
-            "participants": sampled, "dropped": sorted(dropped | {x["participant"] for x in rejected}),
-            "rejected": rejected,
-            "bytes_up": int(sum(u.stats["bytes_up"] for u in accepted)),
-            "bytes_down": int(sum(u.stats["bytes_down"] for u in accepted)),
-            "peak_memory_bytes": int(max((u.stats["peak_memory_bytes"] for u in accepted), default=0)),
-            "round_sim_s": round(sim_round, 4),
-            "profile_visible_s": round(profile_visible_s, 4),
-            "compute_s": round(sum(u.stats["compute_s"] for u in accepted), 4),
-            "overhead_s": round(sum(u.stats.get("overhead_s", 0.0) + u.stats.get("profile_s", 0.0)
-                                    for u in accepted), 4),
-            "offload_bytes": int(sum(u.stats.get("offload_bytes", 0) for u in accepted)),
-            "lr": round_lr(cfg, r),
-            **{k: v for k, v in result.items() if k not in ("accuracy", "loss")},
-        }
-        if self.lead:
-            self.metrics.append(record)
+        record = self._record(r, sampled, admitted, timing, result)
+        self.reporter.round(record)
         self.state.profiles = next_profiles
         self._checkpoint(r + 1, next_profiles)
         return record
 
-    def execute(self) -> Optional[dict]:
-        from tqdm import tqdm
+    def _sample(self, r: int) -> tuple[list[int], set[int]]:
+        """The round's sampled participants and those of them that drop out."""
+        sampled = sample_participants(self.cfg, r)
+        return sampled, set(dropped_participants(self.cfg, r, sampled))
 
-        from flux.federation.metrics import progress_line
+    def _round_profiles(self, r: int, sampled: list[int]) -> dict:
+        """Every sampled participant's activation profile (methods that need one), and the
+        next round's stale profiles started."""
+        if not self.method.needs_profiles:
+            return {}
+        profiles = self._profiles_for(r, sampled)
+        if self.cfg.flux.stale_profiling and r + 1 < self.cfg.rounds:
+            self._submit_profiles(r + 1)
+        return profiles
+
+    def _participant_work(self, r: int, sampled: list[int], dropped: set[int], plans: dict,
+                          profiles: dict) -> list[Update]:
+        """This rank's share of the participants' local rounds, gathered from every rank."""
+        from flux.federation.aggregate import gather_updates
+
+        local = [self.method.local_update(self.ctx, r, pid, plans[pid], profiles.get(pid))
+                 for pid in my_share(sampled, self.rank, self.world) if pid not in dropped]
+        return gather_updates(local)
+
+    def _admit(self, r: int, updates: list[Update], dropped: set[int]) -> "Admission":
+        """Validate each update (shapes, finiteness, counts), price it on its device's clock, and
+        turn away the ones that miss the deadline; dropouts are failures too."""
+        from flux.federation.aggregate import validate_update
+        from flux.federation.clock import ParticipantTime
+
+        cfg, handle = self.cfg, self.work.handle
+        layer0 = handle.moe_layers[0]
+        h, i = layer0.hidden_size, layer0.intermediate_size
+        expert_shapes = {"gate_up": torch.Size([2 * i, h]), "down": torch.Size([h, i])}
+        if layer0.source.has_bias:
+            expert_shapes.update(gate_up_bias=torch.Size([2 * i]), down_bias=torch.Size([h]))
+        num_experts = [layer.num_experts for layer in handle.moe_layers]
+        dense_shapes = {k: p.shape for k, p in self.method.dense_parameters(self.ctx).items()}
+        out = Admission(failures=[Failure(pid, "dropout", "dropped out") for pid in sorted(dropped)])
+        stale = self.method.needs_profiles and cfg.flux.stale_profiling and r > 0
+        for u in updates:
+            reason = validate_update(u, expert_shapes, dense_shapes, num_experts=num_experts)
+            if reason is None and u.costs is None:
+                reason = "the update carries no costs record"
+            if reason is not None:
+                out.failures.append(Failure(u.participant, "rejected", reason))
+                self.reporter.notice(f"round {r + 1}: rejected the update of participant {u.participant}: {reason}")
+                continue
+            dev, costs = self.devices[u.participant], u.costs
+            costs.bytes_down = self.download_bytes(u.participant, r)
+            pt = ParticipantTime(
+                download_s=self.clock.transfer(costs.bytes_down, dev.network_bytes_per_s),
+                profile_s=self.clock.compute(costs.profile_s, dev),
+                compute_s=self.clock.compute(costs.compute_s + costs.overhead_s, dev),
+                offload_s=self.clock.transfer(costs.offload_bytes, dev.host_link_bytes_per_s),
+                upload_s=self.clock.transfer(costs.bytes_up, dev.network_bytes_per_s),
+            )
+            total = pt.total if stale else pt.total + pt.profile_s
+            if cfg.faults.deadline_s and total > cfg.faults.deadline_s:
+                out.failures.append(Failure(u.participant, "deadline", f"missed the {cfg.faults.deadline_s} s deadline"))
+                continue
+            out.times[u.participant] = pt
+            out.overhead_sim[u.participant] = self.clock.compute(costs.overhead_s, dev)
+            out.accepted.append(u)
+        return out
+
+    def _apply(self, r: int, delta, sampled: list[int], dropped: set[int]) -> None:
+        """Add the method's aggregate to the global model; record what changed (downloads)."""
+        from flux.federation.aggregate import apply_expert_deltas
+
+        self.state.changed[r] = set(delta.experts) | set(delta.dense)
+        for pid in sampled:
+            if pid not in dropped:
+                self.state.last_sync[pid] = r
+        apply_expert_deltas(self.work.handle, delta.experts)
+        dense = self.method.dense_parameters(self.ctx)
+        with torch.no_grad():
+            for name, d in delta.dense.items():
+                dense[name].add_(d.to(dense[name].dtype))
+
+    def _round_timing(self, r: int, admitted: "Admission", aggregation_s: float) -> "RoundTiming":
+        """The round's simulated length (slowest accepted participant + aggregation), the
+        profiling and method overhead on its critical path."""
+        from flux.federation.clock import round_time, slowest_participant
 
         cfg = self.cfg
-        if self.state.next_round == 0 and self.lead:
+        stale = self.method.needs_profiles and cfg.flux.stale_profiling and r > 0
+        # not sampled in round r-1: that whole round was free to profile round r-1's starting model
+        hide_idle = stale and cfg.flux.hide_idle_profiling
+        previous = set(sample_participants(cfg, r - 1)) if hide_idle else set()
+        pts = list(admitted.times.values())
+        idle = [hide_idle and pid not in previous for pid in admitted.times]
+        round_s = round_time(pts, aggregation_s, stale_profiling=stale, idle_last_round=idle)
+        slowest = slowest_participant(pts, aggregation_s, stale_profiling=stale, idle_last_round=idle)
+        visible = 0.0 if slowest is None else pts[slowest].visible_profile_s(
+            aggregation_s, stale_profiling=stale, idle_last_round=idle[slowest])
+        # method overhead on the critical path: the slowest participant's visible profiling plus
+        # its merging / role / utility work (simulated seconds of this round)
+        critical = 0.0 if slowest is None else visible + admitted.overhead_sim[list(admitted.times)[slowest]]
+        if cfg.faults.deadline_s and any(f.kind == "deadline" for f in admitted.failures):
+            round_s = max(round_s, cfg.faults.deadline_s)
+        return RoundTiming(round_s=round_s, profile_visible_s=visible, critical_overhead_s=critical)
+
+    def _evaluate(self, r: int) -> dict:
+        """Test metrics (and routing drift) on evaluation rounds, computed on rank 0 and shared."""
+        from flux.models import evaluate
+
+        if not ((r + 1) % self.cfg.eval_every == 0 or r + 1 == self.cfg.rounds):
+            return {"accuracy": None, "loss": None}
+        result = None
+        if self.lead:
+            with all_threads():  # evaluation does not change the model: any thread count
+                result = evaluate(self.work.model, self.work.test)
+                result["routing_drift"] = self._routing_drift()
+        return fd.broadcast(result)
+
+    def _record(self, r: int, sampled: list[int], admitted: "Admission", timing: "RoundTiming", result: dict) -> dict:
+        """The round's line of ``metrics.jsonl``."""
+        from flux.federation.local import round_lr
+
+        accepted = admitted.accepted
+        costs = [u.costs for u in accepted]
+        return {
+            "round": r + 1, "wall_s": round(self.state.wall_s, 3), "sim_s": round(self.state.sim_s, 3),
+            "accuracy": result["accuracy"], "loss": result["loss"],
+            "train_loss": _mean([c.loss for c in costs]),
+            "participants": sampled,
+            "dropped": sorted({f.participant for f in admitted.failures}),
+            "rejected": [{"participant": f.participant, "reason": f.reason} for f in admitted.failures
+                         if f.kind != "dropout"],
+            "bytes_up": int(sum(c.bytes_up for c in costs)),
+            "bytes_down": int(sum(c.bytes_down for c in costs)),
+            "peak_memory_bytes": int(max((c.peak_memory_bytes for c in costs), default=0)),
+            "round_sim_s": round(timing.round_s, 4),
+            "profile_visible_s": round(timing.profile_visible_s, 4),
+            "critical_overhead_s": round(timing.critical_overhead_s, 4),
+            "compute_s": round(sum(c.compute_s for c in costs), 4),
+            "overhead_s": round(sum(c.overhead_s + c.profile_s for c in costs), 4),
+            "offload_bytes": int(sum(c.offload_bytes for c in costs)),
+            "lr": round_lr(self.cfg, r),
+            **{k: v for k, v in result.items() if k not in ("accuracy", "loss")},
+        }
+
+    def execute(self) -> Optional[dict]:
+        cfg = self.cfg
+        if self.state.next_round == 0:
             self._evaluate_base()
-        bar = tqdm(total=cfg.rounds, initial=self.state.next_round, desc=f"flux run [{cfg.method}]",
-                   disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        self.reporter.open_progress(cfg.rounds, self.state.next_round, cfg.method)
         try:
             for r in range(self.state.next_round, cfg.rounds):
-                record = self.round(r)
-                bar.update(1)
-                bar.set_postfix_str(progress_line(record))
+                self.round(r)
         finally:
-            bar.close()
+            self.reporter.close_progress()
             if self.profiler is not None:
                 self.profiler.close()
-        return self.finish() if self.lead else None
+        return self.finish()
 
     def _evaluate_base(self) -> None:
         """The pretrained model's metrics before any federated round (``base.json``): the point
         every curve starts from."""
-        from flux.federation.metrics import write_json_atomic
         from flux.models import evaluate
 
+        if not self.lead:
+            return
         with all_threads():
             base = evaluate(self.work.model, self.work.test)
             self._routing_drift()  # the reference for round 1's drift
-        write_json_atomic(self.out / "base.json", base)
+        self.reporter.base(base)
 
-    def finish(self) -> dict:
-        from flux.federation.metrics import plot_accuracy, read_metrics, result_table, time_to_accuracy, write_json_atomic
-
-        records = read_metrics(self.out)
-        tta = time_to_accuracy(records, self.cfg.target_accuracy)
-        accs = [x["accuracy"] for x in records if x.get("accuracy") is not None]
-        overhead = sum(x.get("overhead_s", 0.0) for x in records)
-        compute = sum(x.get("compute_s", 0.0) for x in records)
-        summary = {
-            "method": self.cfg.method,
-            "target": self.cfg.target_accuracy,
-            "time_to_accuracy": None if tta is None else {"wall_s": tta["wall_s"], "sim_s": tta["sim_s"],
-                                                          "round": tta["round"]},
-            "final_accuracy": accs[-1] if accs else None,
-            "best_accuracy": max(accs) if accs else None,
-            "rounds": len(records),
+    def finish(self) -> Optional[dict]:
+        """The run's summary (lead rank; None elsewhere)."""
+        if not self.lead:
+            return None
+        facts = {
             "model_sha256": model_sha256(self.work.model),
-            "wall_s": records[-1]["wall_s"] if records else 0.0,
-            "sim_s": records[-1]["sim_s"] if records else 0.0,
-            "peak_memory_bytes": max((x.get("peak_memory_bytes", 0) for x in records), default=0),
-            "bytes_up": sum(x.get("bytes_up", 0) for x in records),
-            "bytes_down": sum(x.get("bytes_down", 0) for x in records),
-            "offload_bytes": sum(x.get("offload_bytes", 0) for x in records),
-            "overhead_fraction": overhead / (overhead + compute) if overhead + compute > 0 else 0.0,
             "world_size": self.world,
             "machine_flops": self.machine_flops,
             "devices": sorted({d.name for d in self.devices}),
             "model_params": self.work.model_params,
             "pretrain": {k: v for k, v in self.work.pretrain_info.items()
                          if isinstance(v, (int, float, str, bool)) or k == "quality"},
-            "base": _read_json(self.out / "base.json"),
             "task": self.work.kind,
             "test_examples": len(self.work.test),
-            "routing_drift_median": _median([x.get("routing_drift") for x in records]),
         }
-        write_json_atomic(self.out / "summary.json", summary)
-        plot_accuracy(records, self.out / "accuracy.png", target=self.cfg.target_accuracy,
-                      title=f"{self.cfg.method} on {self.cfg.dataset.name}")
-        (self.out / "table.md").write_text(result_table(records, summary))
-        return summary
+        return self.reporter.finish(cfg=self.cfg, facts=facts)
 
 
-def _median(xs) -> Optional[float]:
-    import statistics
+@dataclasses.dataclass
+class Admission:
+    """Which updates of a round reach aggregation.
 
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
+    Attributes:
+        accepted: valid updates in time, ascending participant.
+        failures: dropouts, rejected updates and missed deadlines.
+        times: participant -> its simulated phases (:class:`flux.federation.clock.ParticipantTime`).
+        overhead_sim: participant -> simulated seconds of its method overhead.
+    """
+
+    accepted: list = dataclasses.field(default_factory=list)
+    failures: list = dataclasses.field(default_factory=list)
+    times: dict = dataclasses.field(default_factory=dict)
+    overhead_sim: dict = dataclasses.field(default_factory=dict)
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    return json.loads(path.read_text()) if path.is_file() else None
+@dataclasses.dataclass(frozen=True)
+class RoundTiming:
+    """A round's simulated seconds: its length, visible profiling and critical-path overhead."""
+
+    round_s: float
+    profile_visible_s: float
+    critical_overhead_s: float
 
 
 def _mean(xs) -> Optional[float]:

@@ -1,10 +1,10 @@
 """Adaptive layer-aware expert merging (FLUX technique 2).
 
-Eq. 1 layer budgets (:mod:`.budgets`), PCA features and fused cosine K-Means over all layers
+Eq. 1 layer budgets (:mod:`.layer_budgets`), PCA features and fused cosine K-Means over all layers
 (:mod:`.kmeans`), Eq. 2 weighted merging and the per-layer merge plan (:mod:`.merge`).
 Plans installed on a patched model as merged views, FMES dropping, ablation budgets: :mod:`.install`.
 """
-from flux.merging.budgets import DEFAULT_VAR_FLOOR, frequency_variance, layer_budgets
+from flux.merging.layer_budgets import DEFAULT_VAR_FLOOR, frequency_variance, layer_budgets
 from flux.merging.kmeans import (
     DEFAULT_ITERS,
     DEFAULT_PCA_DIM,

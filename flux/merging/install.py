@@ -24,7 +24,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from flux.merging.budgets import DEFAULT_VAR_FLOOR
+from flux.merging.layer_budgets import DEFAULT_VAR_FLOOR
 from flux.merging.kmeans import DEFAULT_ITERS, DEFAULT_PCA_DIM
 from flux.merging.merge import LayerMergePlan, assemble_group_weights, plan_model_merge
 from flux.moe.handle import MoELayerHandle, PatchHandle

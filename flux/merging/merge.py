@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from flux.merging.budgets import DEFAULT_VAR_FLOOR, layer_budgets
+from flux.merging.layer_budgets import DEFAULT_VAR_FLOOR, layer_budgets
 from flux.merging.kmeans import DEFAULT_ITERS, DEFAULT_PCA_DIM, fused_kmeans, pad_features, pca_features, per_layer_kmeans
 
 MERGE_MODES = ("freq_attn", "freq", "avg")
@@ -100,13 +100,16 @@ def merge_cluster(weights: Sequence[Tensor], alpha: Tensor | Sequence[float]) ->
         alpha: float [n], >= 0, unnormalised; all zero -> plain average.
 
     Returns:
-        Tensor of the members' shape and dtype (accumulated in float32, float64 for float64).
+        Tensor of the members' shape and dtype (accumulated in float64, rounded once).
+
+    The one implementation of Eq. 2: :func:`merge_experts` and the layer handle's
+    ``merged_groups`` both call it or share its accumulation.
     """
     ws = list(weights)
     if not ws:
         raise ValueError("merge_cluster needs at least one expert")
     a = normalized_merge_weights(_vector(alpha, "alpha", len(ws)), torch.zeros(len(ws), dtype=torch.long))
-    acc_dtype = torch.float64 if ws[0].dtype == torch.float64 else torch.float32
+    acc_dtype = torch.float64  # members of similar size that cancel lose digits in fp32
     out = torch.zeros(ws[0].shape, dtype=acc_dtype, device=ws[0].device)
     with torch.no_grad():
         for w, coef in zip(ws, a.tolist()):
@@ -126,7 +129,8 @@ def merge_experts(weights: Tensor, clusters: Tensor, alpha: Tensor, num_clusters
         num_clusters: K (default: max id + 1).
 
     Returns:
-        [K, ...] in ``weights.dtype``, no autograd history (merged experts are frozen).
+        [K, ...] in ``weights.dtype``, no autograd history (merged experts are frozen);
+        accumulated in float64 like :func:`merge_cluster`.
     """
     clusters = clusters.detach().long().reshape(-1)
     num_experts = weights.shape[0]
@@ -136,7 +140,7 @@ def merge_experts(weights: Tensor, clusters: Tensor, alpha: Tensor, num_clusters
     if num_experts and int(clusters.max()) >= k:
         raise ValueError(f"cluster id {int(clusters.max())} out of range for {k} clusters")
     coef = normalized_merge_weights(alpha, clusters).tolist()
-    acc_dtype = torch.float64 if weights.dtype == torch.float64 else torch.float32
+    acc_dtype = torch.float64  # as merge_cluster: Eq. 2 accumulates in float64, rounded once
     out = torch.zeros((k, *weights.shape[1:]), dtype=acc_dtype, device=weights.device)
     with torch.no_grad():
         # One expert at a time: peak extra memory is one expert in the accumulation dtype.

@@ -14,7 +14,7 @@ Modules: interface.py (transformers ExpertsInterface backend), modulelist.py + a
 view), compute.py (the op call, biases), glu.py (activation probing), memory.py (accounting).
 """
 from flux.moe.adapters import ModuleListAdapter, Routing, register_adapter, registered_adapters, unregister_adapter
-from flux.moe.budget import MemoryBudget, budgets_from_memory, fit_check, full_training_bytes, weights_bytes
+from flux.moe.memory_budget import MemoryBudget, budgets_from_memory, fit_check, full_training_bytes, weights_bytes
 from flux.moe.handle import MoELayerHandle, PatchHandle
 from flux.moe.memory import LayerLayout, MemoryReport, estimate_memory, measure_memory
 from flux.moe.merged_view import ExpertWeights, LayoutError, LayoutIndexError, MergedView

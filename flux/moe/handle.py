@@ -414,15 +414,18 @@ class MoELayerHandle:
             a = alpha[members]
             if float(a.sum()) <= 0:
                 raise LayoutError(f"{self.name}: cluster {c} has non-positive total weight {float(a.sum())}")
-            a = (a / a.sum()).tolist()
             ws = [self.expert_weights(i) for i in members]
             for i in members:
                 e2g[i] = g
-            gate_up.append(sum(ai * w.gate_up.double() for ai, w in zip(a, ws)).to(ws[0].gate_up.dtype))
-            down.append(sum(ai * w.down.double() for ai, w in zip(a, ws)).to(ws[0].down.dtype))
+            # Eq. 2 has one home (flux.merging.merge); imported here, not at the top: flux.merging
+            # imports this module
+            from flux.merging.merge import merge_cluster
+
+            gate_up.append(merge_cluster([w.gate_up for w in ws], a))
+            down.append(merge_cluster([w.down for w in ws], a))
             if self.source.has_bias:
-                b1.append(sum(ai * w.gate_up_bias.double() for ai, w in zip(a, ws)).to(ws[0].gate_up.dtype))
-                b2.append(sum(ai * w.down_bias.double() for ai, w in zip(a, ws)).to(ws[0].down.dtype))
+                b1.append(merge_cluster([w.gate_up_bias for w in ws], a))
+                b2.append(merge_cluster([w.down_bias for w in ws], a))
         if not gate_up:
             raise LayoutError(f"{self.name}: every expert is dropped; a view needs at least one group")
         out = dict(expert_to_group=e2g, gate_up=torch.stack(gate_up), down=torch.stack(down),

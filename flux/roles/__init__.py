@@ -18,6 +18,7 @@ from flux.roles.assignment import (
 from flux.roles.utility import (
     activation_utilities,
     expert_utility,
+    utility_from_sums,
     per_sample_grad_sq_norms,
     utilities_from_grad_norms,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "assign_roles",
     "cosine_distance",
     "expert_utility",
+    "utility_from_sums",
     "per_sample_grad_sq_norms",
     "select_top_b",
     "spsa_gradient",

@@ -8,12 +8,26 @@ gradients yet, so utility = activation frequency normalised per layer.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 SampleLoss = Callable[..., Tensor]
+
+
+def utility_from_sums(num_routed: float, grad_sq_sum: float) -> float:
+    """Eq. 3 from its two sums, the one implementation every caller uses:
+    ``u_e = sqrt(|D_e| * sum_{k in D_e} ||g_k||^2)`` (``= |D_e| sqrt(mean ||g_k||^2)``).
+
+    Args:
+        num_routed: |D_e|, samples routed to the expert (may be a scaled estimate), >= 0.
+        grad_sq_sum: sum over those samples of squared per-sample gradient norms, >= 0.
+    """
+    if not (math.isfinite(num_routed) and math.isfinite(grad_sq_sum)) or num_routed < 0 or grad_sq_sum < 0:
+        raise ValueError(f"Eq. 3 needs finite sums >= 0, got |D_e|={num_routed}, sum ||g||^2={grad_sq_sum}")
+    return float((num_routed * grad_sq_sum) ** 0.5)
 
 
 def expert_utility(grad_sq_norms: Tensor | Sequence[float]) -> float:
@@ -26,9 +40,7 @@ def expert_utility(grad_sq_norms: Tensor | Sequence[float]) -> float:
     g = torch.as_tensor(grad_sq_norms, dtype=torch.float64).reshape(-1)
     if not torch.isfinite(g).all() or (g < 0).any():
         raise ValueError("squared gradient norms must be finite and >= 0")
-    if g.numel() == 0:
-        return 0.0
-    return float(g.numel() * torch.sqrt(g.mean()))
+    return utility_from_sums(float(g.numel()), float(g.sum()))
 
 
 def utilities_from_grad_norms(sq_norms: Tensor, routed: Tensor | None = None) -> Tensor:
@@ -52,7 +64,7 @@ def utilities_from_grad_norms(sq_norms: Tensor, routed: Tensor | None = None) ->
         raise ValueError(f"routed must have shape {tuple(s.shape)}, got {tuple(r.shape)}")
     count = r.sum(0).double()
     total = torch.where(r, s, 0.0).sum(0)
-    return torch.sqrt(count * total)  # == |D| sqrt(mean); 0 for |D| = 0
+    return torch.tensor([utility_from_sums(float(c), float(t)) for c, t in zip(count, total)], dtype=torch.float64)
 
 
 def per_sample_grad_sq_norms(

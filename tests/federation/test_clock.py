@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flux.federation.clock import ParticipantTime, SimClock, measure_matmul_flops, round_time
-from flux.federation.profiles import DeviceProfile
+from flux.federation.devices import DeviceProfile
 
 DEV = DeviceProfile("dev", 1 << 30, flops=4e12, host_link_bytes_per_s=2e9, network_bytes_per_s=1e8)
 
@@ -43,7 +43,7 @@ def test_round_time_is_the_slowest_participant_plus_aggregation():
 
 def test_worked_example_of_the_docs():
     """docs/federation.md walks through this round; keep the two in sync."""
-    from flux.federation.profiles import DEVICE_CLASSES, scale_profile
+    from flux.federation.devices import DEVICE_CLASSES, scale_profile
 
     dev = scale_profile(DEVICE_CLASSES["rtx3060-12gb"], 26_800_000)  # fp32: s = 0.004, s_bytes = 0.008
     assert dev.flops == pytest.approx(1.02e11) and dev.network_bytes_per_s == pytest.approx(5e5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flux.data.encode import EncodedDataset
-from flux.federation.flux_method import routed_sample_counts
+from flux.methods.flux import routed_sample_counts
 from flux.federation.runner import profile_batches, profile_sample
 from flux.profiling import LayerProfile, ModelProfile, profile_model
 from tests.profiling import make_batches, tiny_mixtral

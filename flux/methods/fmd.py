@@ -41,8 +41,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from flux.federation.aggregate import Update
-from flux.federation.methods import FedAvgMethod, RunContext
+from flux.federation.update import Update
+from flux.methods.api import RunContext, per_device_memory
+from flux.methods.fedavg import FedAvg
 
 # Per offloaded expert and step, in units of its weight bytes: W for the forward, W+m+v in and
 # W+m+v out around the fused backward/AdamW step (see the module docstring).
@@ -206,7 +207,7 @@ class PinnedOffloader:
         return moved, time.perf_counter() - start
 
 
-class FMDMethod(FedAvgMethod):
+class FMD(FedAvg):
     """fedavg's training (all experts, all participants) under the participant's memory limit,
     paying for it in host-link traffic (:func:`plan_offload`)."""
 
@@ -214,31 +215,27 @@ class FMDMethod(FedAvgMethod):
 
     def __init__(self) -> None:
         self.plans: dict[int, OffloadPlan] = {}
-        self._by_memory: dict[int, OffloadPlan] = {}
         self._offloader: Optional[PinnedOffloader] = None
         self._measured: list[tuple[int, float]] = []
 
     def setup(self, ctx: RunContext) -> None:
-        for pid in range(len(ctx.devices)):
-            self.plan_for(ctx, pid)
+        dense = list(self.dense_parameters(ctx).values())
+        self.plans = per_device_memory(ctx, lambda memory: plan_offload(ctx.work.handle, memory, dense))
 
     def plan_for(self, ctx: RunContext, pid: int) -> OffloadPlan:
-        if pid not in self.plans:
-            memory = int(ctx.devices[pid].memory_bytes)
-            if memory not in self._by_memory:
-                self._by_memory[memory] = plan_offload(ctx.work.handle, memory, list(self._dense(ctx).values()))
-            self.plans[pid] = self._by_memory[memory]
+        if not self.plans:
+            self.setup(ctx)
         return self.plans[pid]
 
-    def _train(self, ctx: RunContext, round_idx: int, pid: int, params, **kwargs):
+    def train(self, ctx: RunContext, round_idx: int, pid: int, params, **kwargs):
         if self._offloader is None:
-            return super()._train(ctx, round_idx, pid, params, **kwargs)
+            return super().train(ctx, round_idx, pid, params, **kwargs)
         offloader = self._offloader
 
         def after_backward(micro_batch: dict, batch_size: int, index: int) -> None:
             self._measured.append(offloader.step())
 
-        return super()._train(ctx, round_idx, pid, params, on_micro_batch=after_backward, **kwargs)
+        return super().train(ctx, round_idx, pid, params, on_micro_batch=after_backward, **kwargs)
 
     def local_update(self, ctx: RunContext, round_idx: int, pid: int, plan: Any, profile: Any) -> Update:
         offload = self.plan_for(ctx, pid)
@@ -251,17 +248,17 @@ class FMDMethod(FedAvgMethod):
         finally:
             self._offloader = None
         steps = len(self._measured) if self._measured else ctx.cfg.local_steps
-        stats = update.stats
+        costs = update.costs
         if self._measured:
             moved = sum(b for b, _ in self._measured)
             transfer_s = sum(s for _, s in self._measured)
             # the clock models transfers from offload_bytes: keep them out of the measured compute
-            stats["compute_s"] = max(0.0, stats["compute_s"] - transfer_s)
-            stats["offload_measured_s"] = transfer_s
+            costs.compute_s = max(0.0, costs.compute_s - transfer_s)
+            costs.extra["offload_measured_s"] = transfer_s
         else:
             moved = steps * offload.bytes_per_step
-        stats["offload_bytes"] = moved
-        stats["peak_memory_bytes"] = min(offload.resident_bytes, offload.full_bytes)
-        stats["num_offloaded"] = offload.num_offloaded
-        stats["host_bytes"] = offload.host_bytes
+        costs.offload_bytes = moved
+        costs.peak_memory_bytes = min(offload.resident_bytes, offload.full_bytes)
+        costs.extra["num_offloaded"] = offload.num_offloaded
+        costs.extra["host_bytes"] = offload.host_bytes
         return update

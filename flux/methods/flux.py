@@ -24,22 +24,21 @@ paper's normalised-frequency utility).
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from flux.federation.aggregate import Update
-from flux.federation.local import participant_generator, round_lr, snapshot, take_deltas
-from flux.federation.methods import Method, RunContext, expert_tokens, make_update, view_expert_deltas
-from flux.federation.workload import set_requires_grad
+from flux.federation.local import round_lr
+from flux.federation.rng import Stream, participant_generator
+from flux.federation.update import Update
+from flux.methods.api import Method, RunContext, per_device_memory
 
 # Measured utilities older than this many rounds give way to the frequency-based prediction.
 UTILITY_TTL_ROUNDS = 3
 
 
-class FluxMethod(Method):
+class Flux(Method):
     name = "flux"
     needs_profiles = True
 
@@ -50,16 +49,12 @@ class FluxMethod(Method):
 
     # ------------------------------------------------------------------ server side
     def setup(self, ctx: RunContext) -> None:
-        from flux.moe.budget import budgets_from_memory
+        from flux.moe.memory_budget import budgets_from_memory
 
-        dense = list(self._dense(ctx).values())
-        by_memory: dict[int, Any] = {}
-        for pid, dev in enumerate(ctx.devices):
-            if dev.memory_bytes not in by_memory:
-                by_memory[dev.memory_bytes] = budgets_from_memory(
-                    ctx.work.handle, dev.memory_bytes, optimizer="adamw", trainable=dense,
-                    max_tune_fraction=ctx.cfg.flux.max_tune_fraction)
-            self.budgets[pid] = by_memory[dev.memory_bytes]
+        dense = list(self.dense_parameters(ctx).values())
+        self.budgets = per_device_memory(ctx, lambda memory: budgets_from_memory(
+            ctx.work.handle, memory, optimizer="adamw", trainable=dense,
+            max_tune_fraction=ctx.cfg.flux.max_tune_fraction))
 
     def schedule(self, ctx: RunContext):
         from flux.roles import EpsilonSchedule
@@ -84,7 +79,7 @@ class FluxMethod(Method):
 
         utils = [self.utilities(round_idx, pid, profiles[pid]) for pid in sampled]
         budgets = [self.budgets[pid].tune for pid in sampled]
-        gen = participant_generator(ctx.cfg.seed, round_idx, 0, stream=1)
+        gen = participant_generator(ctx.cfg.seed, round_idx, 0, Stream.ROLE_ASSIGNMENT)
         roles = assign_roles(utils, budgets, round_idx=round_idx, schedule=self.schedule(ctx), generator=gen)
         return dict(zip(sampled, roles))
 
@@ -95,7 +90,7 @@ class FluxMethod(Method):
             mine = self.measured.setdefault(u.participant, {})
             for key, val in u.utilities.items():
                 mine[key] = (round_idx, float(val))
-            share = u.stats.get("tuned_share", 0.0)
+            share = u.costs.extra.get("tuned_share", 0.0)
             if share > 0:
                 self.kappa[u.participant] = float(sum(u.utilities.values())) / share
 
@@ -118,62 +113,50 @@ class FluxMethod(Method):
         from flux.moe import LayerLayout, estimate_memory
         from flux.roles import activation_utilities
 
-        cfg, work = ctx.cfg, ctx.work
-        handle, model = work.handle, work.model
+        cfg, handle = ctx.cfg, ctx.work.handle
         layers = handle.moe_layers
-        t0 = time.perf_counter()
         tuning = [sorted(t.tolist()) for t in roles.tuning]
         zo = cfg.flux.exploration == "zo"
         explore = [sorted(x.tolist()) for x in roles.exploration] if zo else [[] for _ in layers]
         num_experts = [layer.num_experts for layer in layers]
-        plans = merge_model(handle, tuning, profile.frequencies(), profile.attention_scores(),
-                            total_budget=self.merged_total(pid, tuning, num_experts),
-                            mode=cfg.flux.merge_mode, seed=cfg.seed, frozen_tuning=explore)
-        merge_s = time.perf_counter() - t0
-        try:
-            dense = self._dense(ctx)
-            view_params = {f"__view{l}.{i}": p for l, layer in enumerate(layers)
-                           for i, p in enumerate(layer.trainable_parameters())}
-            trainable = {**dense, **view_params}
-            set_requires_grad(model, trainable)
-            before_dense = snapshot(dense)
+        with self.session(ctx, round_idx, pid) as s:
+            with s.overhead():
+                plans = merge_model(handle, tuning, profile.frequencies(), profile.attention_scores(),
+                                    total_budget=self.merged_total(pid, tuning, num_experts),
+                                    mode=cfg.flux.merge_mode, seed=cfg.seed, frozen_tuning=explore)
+            s.begin()
             tracker = _GradTracker(layers)
-            explorer = _ZerothOrderExplorer(model, layers, explore, sigma=cfg.flux.zo_sigma,
+            explorer = _ZerothOrderExplorer(ctx.work.model, layers, explore, sigma=cfg.flux.zo_sigma,
                                             perturbations=cfg.flux.zo_perturbations, lr=round_lr(cfg, round_idx),
-                                            generator=participant_generator(cfg.seed, round_idx, pid, stream=4))
-            handle.reset_counts()
+                                            generator=participant_generator(cfg.seed, round_idx, pid,
+                                                                            Stream.ZEROTH_ORDER))
             measured_steps = cfg.flux.utility_steps or cfg.local_steps
-            stats = self._train(ctx, round_idx, pid, list(trainable.values()),
-                                micro_batches=cfg.flux.utility_micro_batches, micro_batch_steps=measured_steps,
-                                on_micro_batch=tracker, on_step=explorer if explorer.rows else None)
-            # Eq. 3 sums over every trained sample: extrapolate from the measured steps
-            tracker.scale = cfg.local_steps / min(measured_steps, cfg.local_steps)
-            t1 = time.perf_counter()
-            deltas, tokens = view_expert_deltas(handle, expert_tokens(handle), routed_only=False,
-                                                extra={l: explorer.weights(l) for l in range(len(layers))})
-            utilities = self._utilities(profile, stats.samples, tracker, layers)
-            utilities.update(explorer.utilities(profile, stats.samples))
-            shares = activation_utilities(profile.frequencies())
-            tuned_share = float(sum(float(shares[l][e]) for l, e in utilities))
-            dense_deltas = take_deltas(dense, before_dense)
-            layouts = [LayerLayout(tuned=p.num_tuning, merged_groups=p.num_groups - p.num_tuning, keep_originals=False)
-                       for p in plans]
-            peak = estimate_memory(handle, layouts, optimizer="adamw", train_experts=False,
-                                   trainable=list(dense.values())).total
-            overhead_s = merge_s + (time.perf_counter() - t1)
-        finally:
-            for layer in layers:
-                if layer.view is not None:
-                    layer.remove_view(write_back=False)
-            set_requires_grad(model, None)
-        return make_update(pid, stats, model, deltas, tokens, dense_deltas, peak_memory_bytes=peak,
-                           utilities=utilities, profile_s=float(getattr(profile, "seconds", 0.0)),
-                           overhead_s=overhead_s, tuned_share=tuned_share, num_tuning=sum(len(t) for t in tuning),
-                           num_merged=sum(p.num_groups - p.num_tuning for p in plans))
+            stats = s.train(micro_batches=cfg.flux.utility_micro_batches, micro_batch_steps=measured_steps,
+                            on_micro_batch=tracker, on_step=explorer if explorer.rows else None)
+            with s.overhead():
+                # Eq. 3 sums over every trained sample: extrapolate from the measured steps
+                tracker.scale = cfg.local_steps / min(measured_steps, cfg.local_steps)
+                deltas, tokens = s.view_deltas(routed_only=False,
+                                               extra={l: explorer.weights(l) for l in range(len(layers))})
+                utilities = self._utilities(profile, stats.samples, tracker, layers)
+                utilities.update(explorer.utilities(profile, stats.samples))
+                shares = activation_utilities(profile.frequencies())
+                tuned_share = float(sum(float(shares[l][e]) for l, e in utilities))
+                dense_deltas = s.dense_deltas()
+                layouts = [LayerLayout(tuned=p.num_tuning, merged_groups=p.num_groups - p.num_tuning,
+                                       keep_originals=False) for p in plans]
+                peak = estimate_memory(handle, layouts, optimizer="adamw", train_experts=False,
+                                       trainable=list(s.dense.values())).total
+            return s.upload(stats, deltas, tokens, dense_deltas=dense_deltas, peak_memory_bytes=peak,
+                            utilities=utilities, profile=profile, tuned_share=tuned_share,
+                            num_tuning=sum(len(t) for t in tuning),
+                            num_merged=sum(p.num_groups - p.num_tuning for p in plans))
 
     @staticmethod
     def _utilities(profile, samples: list[int], tracker: "_GradTracker", layers) -> dict:
         """Eq. 3 per backprop-tuned expert: sqrt(|D_e| * sum_k ||g_k||^2)."""
+        from flux.roles.utility import utility_from_sums
+
         routed = routed_sample_counts(profile, samples)
         if routed is None:  # no trained sample was profiled: nothing measured, keep the predictions
             return {}
@@ -185,7 +168,7 @@ class FluxMethod(Method):
             for g, e in enumerate(view.tuned_experts):
                 d_e = float(routed[l][e])
                 sq = tracker.scale * tracker.sq_norms[l][g] if tracker.sq_norms.get(l) is not None else 0.0
-                out[(l, e)] = float((d_e * float(sq)) ** 0.5)
+                out[(l, e)] = utility_from_sums(d_e, float(sq))
         return out
 
 
@@ -267,13 +250,15 @@ class _ZerothOrderExplorer:
         return {e: view.group_weights(view.expert_to_group[e]) for l, e in self.rows if l == layer}
 
     def utilities(self, profile, samples: list[int]) -> dict:
+        from flux.roles.utility import utility_from_sums
+
         routed = routed_sample_counts(profile, samples)
         if routed is None:
             return {}
         out = {}
         for l, e in self.rows:
             d_e = float(routed[l][e])
-            out[(l, e)] = float((d_e * self.sq.get((l, e), 0.0)) ** 0.5)
+            out[(l, e)] = utility_from_sums(d_e, self.sq.get((l, e), 0.0))
         return out
 
 

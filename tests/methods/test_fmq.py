@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux.baselines import FMQMethod, QuantizedAdamW, quantized_layout, stochastic_quantize
-from flux.baselines import fmq as fmq_module
+from flux.methods import fmq as fmq_module
+from flux.methods.fmq import FMQ, QuantizedAdamW, quantized_layout, stochastic_quantize
 from flux.ops import QuantizedTensor, quantize
-from tests.baselines import EXPERTS, HIDDEN, INTER, LAYERS, global_experts, tiny_context
+from tests.methods import EXPERTS, HIDDEN, INTER, LAYERS, global_experts, tiny_context
 
 
 def test_stochastic_rounding_is_unbiased_and_on_the_grid():
@@ -80,13 +80,13 @@ def test_local_update_keeps_int4_between_steps_and_uploads_dequantized_delta(mon
             checks.append(q.bits == 4 and torch.equal(p.detach(), q.dequantize(p.dtype)))
 
     monkeypatch.setattr(fmq_module.QuantizedAdamW, "step", checked_step)
-    method = FMQMethod()
+    method = FMQ()
     method.setup(ctx)
     up = method.local_update(ctx, 0, 0, None, None)
     opt = method.last_optimizer
     assert opt.steps == steps and len(checks) == steps * 2 * LAYERS and all(checks)
     assert opt.stored_bytes() == layout.expert_weight_bytes + layout.moment_bytes
-    assert up.stats["peak_memory_bytes"] == layout.total <= ctx.devices[0].memory_bytes
+    assert up.costs.peak_memory_bytes == layout.total <= ctx.devices[0].memory_bytes
     after = global_experts(work.handle)
     for (gu0, dn0), (gu1, dn1) in zip(before, after):
         assert torch.equal(gu0, gu1) and torch.equal(dn0, dn1)

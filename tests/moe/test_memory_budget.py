@@ -1,4 +1,4 @@
-"""Budgets from memory (flux.moe.budget): hand-computed bytes, the fit/overflow boundary, caps,
+"""Budgets from memory (flux.moe.memory_budget): hand-computed bytes, the fit/overflow boundary, caps,
 monotonicity, errors, and the real tensors of the chosen layout after an optimizer step."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 import flux
 from flux.moe import LayerLayout, estimate_memory, measure_memory
-from flux.moe.budget import budgets_from_memory, fit_check, full_training_bytes, weights_bytes
+from flux.moe.memory_budget import budgets_from_memory, fit_check, full_training_bytes, weights_bytes
 from tests.moe.helpers import input_ids, step, tiny_mixtral
 
 E, L, H, I = 8, 2, 32, 16

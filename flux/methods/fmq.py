@@ -32,16 +32,15 @@ of the starting point, which is what makes FMQ's global model oscillate.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from flux.federation.aggregate import Update
-from flux.federation.local import participant_generator, round_lr, snapshot, take_deltas
-from flux.federation.methods import Method, RunContext, expert_tokens, make_update, view_expert_deltas
-from flux.federation.workload import set_requires_grad
+from flux.federation.local import round_lr
+from flux.federation.rng import Stream, participant_generator
+from flux.federation.update import Update
+from flux.methods.api import Method, RunContext, per_device_memory
 from flux.ops import QuantizedTensor, quantize
 
 WEIGHT_BITS = 4
@@ -50,7 +49,7 @@ MOMENT_BITS_CHOICES = (8, 4)  # best first; the first that fits is used
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW defaults, as train_local uses
 ADAM_EPS = 1e-8
 # random-stream id of the stochastic rounding (participant_generator's ``stream``)
-ROUNDING_STREAM = 2
+ROUNDING_STREAM = Stream.FMQ_ROUNDING
 
 
 def stochastic_quantize(w: Tensor, bits: int, group_size: int, generator: torch.Generator) -> QuantizedTensor:
@@ -191,61 +190,46 @@ def quantized_layout(handle, memory_bytes: int, dense: list[nn.Parameter],
                      f"({layouts[-1].moment_bits}-bit moments: {layouts[-1]})")
 
 
-class FMQMethod(Method):
+class FMQ(Method):
     """Every participant trains every expert through int4 weights (module docstring)."""
 
     name = "fmq"
 
     def __init__(self) -> None:
         self.layouts: dict[int, QuantizedLayout] = {}
-        self._by_memory: dict[int, QuantizedLayout] = {}
         self.last_optimizer: Optional[QuantizedAdamW] = None  # for inspection (tests, debugging)
 
     def setup(self, ctx: RunContext) -> None:
-        for pid in range(len(ctx.devices)):
-            self.layout_for(ctx, pid)
+        dense = list(self.dense_parameters(ctx).values())
+        self.layouts = per_device_memory(ctx, lambda memory: quantized_layout(ctx.work.handle, memory, dense))
 
     def layout_for(self, ctx: RunContext, pid: int) -> QuantizedLayout:
-        if pid not in self.layouts:
-            memory = int(ctx.devices[pid].memory_bytes)
-            if memory not in self._by_memory:
-                self._by_memory[memory] = quantized_layout(ctx.work.handle, memory, list(self._dense(ctx).values()))
-            self.layouts[pid] = self._by_memory[memory]
+        if not self.layouts:
+            self.setup(ctx)
         return self.layouts[pid]
 
     def local_update(self, ctx: RunContext, round_idx: int, pid: int, plan: Any, profile: Any) -> Update:
-        from flux.merging.install import drop_model, uninstall
+        from flux.merging.install import drop_model
 
-        cfg, work = ctx.cfg, ctx.work
-        handle, model = work.handle, work.model
+        cfg, handle = ctx.cfg, ctx.work.handle
         layers = handle.moe_layers
         layout = self.layout_for(ctx, pid)
-        t0 = time.perf_counter()
-        # every expert its own trainable group: the view's stacks are the dequantized working copy
-        drop_model(handle, [list(range(layer.num_experts)) for layer in layers], trainable=True)
-        try:
-            dense = self._dense(ctx)
-            stacks = [p for layer in layers for p in (layer.view.tuned_gate_up, layer.view.tuned_down)]
-            biases = [p for layer in layers for p in (layer.view.tuned_gate_up_bias, layer.view.tuned_down_bias)
-                      if p is not None]
-            trainable = {**dense, **{f"__bias{i}": p for i, p in enumerate(biases)},
-                         **{f"__stack{i}": p for i, p in enumerate(stacks)}}
-            set_requires_grad(model, trainable)
-            opt = QuantizedAdamW(stacks, lr=round_lr(cfg, round_idx), moment_bits=layout.moment_bits,
-                                 generator=participant_generator(cfg.seed, round_idx, pid, stream=ROUNDING_STREAM))
-            self.last_optimizer = opt
-            before_dense = snapshot(dense)
-            handle.reset_counts()
-            overhead_s = time.perf_counter() - t0
+        with self.session(ctx, round_idx, pid) as s:
+            with s.overhead():
+                # every expert its own trainable group: the view's stacks are the dequantized working copy
+                drop_model(handle, [list(range(layer.num_experts)) for layer in layers], trainable=True)
+                stacks = [p for layer in layers for p in (layer.view.tuned_gate_up, layer.view.tuned_down)]
+                biases = [p for layer in layers for p in (layer.view.tuned_gate_up_bias, layer.view.tuned_down_bias)
+                          if p is not None]
+                s.begin(views=False, extra={**{f"__bias{i}": p for i, p in enumerate(biases)},
+                                            **{f"__stack{i}": p for i, p in enumerate(stacks)}})
+                opt = QuantizedAdamW(stacks, lr=round_lr(cfg, round_idx), moment_bits=layout.moment_bits,
+                                     generator=participant_generator(cfg.seed, round_idx, pid, ROUNDING_STREAM))
+                self.last_optimizer = opt
             # the quantized update runs right after the backward, before the float optimizer step
-            stats = self._train(ctx, round_idx, pid, [*dense.values(), *biases],
-                                on_micro_batch=lambda mb, n, j: opt.step())
-            t1 = time.perf_counter()
-            deltas, tokens = view_expert_deltas(handle, expert_tokens(handle), routed_only=True)
-            dense_deltas = take_deltas(dense, before_dense)
-            overhead_s += time.perf_counter() - t1
-        finally:
-            uninstall(handle, write_back=False)
-            set_requires_grad(model, None)
-        return make_update(pid, stats, model, deltas, tokens, dense_deltas, peak_memory_bytes=layout.total,
-                           overhead_s=overhead_s, moment_bits=layout.moment_bits)
+            stats = s.train([*s.dense.values(), *biases], on_micro_batch=lambda mb, n, j: opt.step())
+            with s.overhead():
+                deltas, tokens = s.view_deltas(routed_only=True)
+                dense_deltas = s.dense_deltas()
+            return s.upload(stats, deltas, tokens, dense_deltas=dense_deltas, peak_memory_bytes=layout.total,
+                            moment_bits=layout.moment_bits)

@@ -54,7 +54,7 @@ def tiny_model(seed: int = 0) -> TinyClassifier:
 
 def tiny_context(memory: list[int] | None = None, *, steps: int = 2, seed: int = 0):
     """(RunContext, work) for participants with the given device memory (bytes)."""
-    from flux.federation.methods import RunContext
+    from flux.methods.api import RunContext
 
     model = tiny_model(seed)
     handle = flux.patch(model.lm)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux.baselines import FMDMethod, plan_offload
-from flux.federation.methods import FedAvgMethod
+from flux.methods.fedavg import FedAvg
+from flux.methods.fmd import FMD, plan_offload
 from flux.moe import estimate_memory
-from tests.baselines import EXPERTS, LAYERS, expert_bytes, global_experts, tiny_context
+from tests.methods import EXPERTS, LAYERS, expert_bytes, global_experts, tiny_context
 
 
 def _full(work) -> int:
@@ -64,15 +64,15 @@ def test_local_update_counts_bytes_and_trains_like_fedavg():
     before = global_experts(work.handle)
     head_before = work.model.head.weight.detach().clone()
 
-    fmd = FMDMethod()
+    fmd = FMD()
     fmd.setup(ctx)
     up = fmd.local_update(ctx, 0, 0, None, None)
-    ref = FedAvgMethod().local_update(ctx, 0, 0, None, None)
+    ref = FedAvg().local_update(ctx, 0, 0, None, None)
 
     plan = fmd.plans[0]
     assert plan.num_offloaded > 0
-    assert up.stats["offload_bytes"] == steps * 7 * expert_bytes() * plan.num_offloaded
-    assert up.stats["peak_memory_bytes"] <= budget
+    assert up.costs.offload_bytes == steps * 7 * expert_bytes() * plan.num_offloaded
+    assert up.costs.peak_memory_bytes <= budget
     # the global model is untouched
     for (gu0, dn0), (gu1, dn1) in zip(before, global_experts(work.handle)):
         assert torch.equal(gu0, gu1) and torch.equal(dn0, dn1)
@@ -95,9 +95,9 @@ def test_cuda_moves_the_planned_bytes_through_pinned_memory():
     for data in work.train:
         for name in ("input_ids", "attention_mask", "labels"):
             setattr(data, name, getattr(data, name).cuda())
-    fmd = FMDMethod()
+    fmd = FMD()
     fmd.setup(ctx)
     up = fmd.local_update(ctx, 0, 0, None, None)
     plan = fmd.plans[0]
-    assert up.stats["offload_bytes"] == steps * plan.bytes_per_step > 0
-    assert up.stats["offload_measured_s"] > 0
+    assert up.costs.offload_bytes == steps * plan.bytes_per_step > 0
+    assert up.costs.extra["offload_measured_s"] > 0

@@ -20,16 +20,13 @@ the kept experts.
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from flux.federation.aggregate import Update
-from flux.federation.local import snapshot, take_deltas
-from flux.federation.methods import Method, RunContext, expert_tokens, make_update, view_expert_deltas
-from flux.federation.workload import set_requires_grad
+from flux.federation.update import Update
+from flux.methods.api import Method, RunContext
 
 
 def _layouts(counts: Sequence[int]):
@@ -88,7 +85,7 @@ def select_experts(handle, frequencies: Sequence[Tensor], memory_bytes: int, den
     return [sorted(k) for k in kept]
 
 
-class FMESMethod(Method):
+class FMES(Method):
     """Train only the most-activated experts that fit; drop the others (module docstring)."""
 
     name = "fmes"
@@ -98,7 +95,7 @@ class FMESMethod(Method):
         self.last_kept: dict[int, list[list[int]]] = {}
 
     def setup(self, ctx: RunContext) -> None:
-        dense = list(self._dense(ctx).values())
+        dense = list(self.dense_parameters(ctx).values())
         handle = ctx.work.handle
         floor = kept_bytes(handle, [1] * len(handle.moe_layers), dense)
         short = [pid for pid, dev in enumerate(ctx.devices) if dev.memory_bytes < floor]
@@ -107,34 +104,21 @@ class FMESMethod(Method):
                              "(one trained expert per layer)")
 
     def local_update(self, ctx: RunContext, round_idx: int, pid: int, plan: Any, profile: Any) -> Update:
-        from flux.merging.install import drop_model, uninstall
+        from flux.merging.install import drop_model
 
-        work = ctx.work
-        handle, model = work.handle, work.model
-        layers = handle.moe_layers
+        handle = ctx.work.handle
         memory = int(ctx.devices[pid].memory_bytes)
-        t0 = time.perf_counter()
-        dense = self._dense(ctx)
-        keep = select_experts(handle, profile.frequencies(), memory, list(dense.values()))
-        self.last_kept[pid] = keep
-        drop_model(handle, keep, trainable=True)
-        try:
-            view_params = {f"__view{l}.{i}": p for l, layer in enumerate(layers)
-                           for i, p in enumerate(layer.trainable_parameters())}
-            trainable = {**dense, **view_params}
-            set_requires_grad(model, trainable)
-            before_dense = snapshot(dense)
-            handle.reset_counts()
-            overhead_s = time.perf_counter() - t0
-            stats = self._train(ctx, round_idx, pid, list(trainable.values()))
-            t1 = time.perf_counter()
-            deltas, tokens = view_expert_deltas(handle, expert_tokens(handle), routed_only=True)
-            dense_deltas = take_deltas(dense, before_dense)
-            overhead_s += time.perf_counter() - t1
-        finally:
-            uninstall(handle, write_back=False)
-            set_requires_grad(model, None)
-        peak = kept_bytes(handle, [len(k) for k in keep], list(dense.values()))
-        return make_update(pid, stats, model, deltas, tokens, dense_deltas, peak_memory_bytes=peak,
-                           profile_s=float(getattr(profile, "seconds", 0.0)), overhead_s=overhead_s,
-                           num_kept=sum(len(k) for k in keep))
+        with self.session(ctx, round_idx, pid) as s:
+            dense = list(s.dense.values())
+            with s.overhead():
+                keep = select_experts(handle, profile.frequencies(), memory, dense)
+                self.last_kept[pid] = keep
+                drop_model(handle, keep, trainable=True)
+                s.begin()
+            stats = s.train()
+            with s.overhead():
+                deltas, tokens = s.view_deltas(routed_only=True)
+                dense_deltas = s.dense_deltas()
+            return s.upload(stats, deltas, tokens, dense_deltas=dense_deltas, profile=profile,
+                            peak_memory_bytes=kept_bytes(handle, [len(k) for k in keep], dense),
+                            num_kept=sum(len(k) for k in keep))

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flux.baselines import FMESMethod, kept_bytes, select_experts
-from tests.baselines import EXPERTS, LAYERS, global_experts, tiny_context
+from flux.methods.fmes import FMES, kept_bytes, select_experts
+from tests.methods import EXPERTS, LAYERS, global_experts, tiny_context
 
 
 def _profile(freqs):
@@ -47,7 +47,7 @@ def test_too_little_memory_and_bad_frequencies_raise():
         select_experts(work.handle, FREQS[:1], floor, dense)
     ctx.devices[0].memory_bytes = floor - 1
     with pytest.raises(ValueError, match="participants \\[0\\]"):
-        FMESMethod().setup(ctx)
+        FMES().setup(ctx)
 
 
 def test_local_update_drops_exactly_the_experts_outside_the_budget(monkeypatch):
@@ -57,14 +57,14 @@ def test_local_update_drops_exactly_the_experts_outside_the_budget(monkeypatch):
     ctx.devices[0].memory_bytes = kept_bytes(work.handle, [3, 3], dense)
     before = global_experts(work.handle)
     seen = {}
-    method = FMESMethod()
-    original_train = FMESMethod._train
+    method = FMES()
+    original_train = FMES.train
 
     def spy(self, ctx_, round_idx, pid, params, **kw):
         seen["groups"] = [list(layer.view.expert_to_group) for layer in work.handle.moe_layers]
         return original_train(self, ctx_, round_idx, pid, params, **kw)
 
-    monkeypatch.setattr(FMESMethod, "_train", spy)
+    monkeypatch.setattr(FMES, "train", spy)
     method.setup(ctx)
     up = method.local_update(ctx, 0, 0, None, _profile(FREQS))
     kept = [[1, 4, 5, 6], [2, 5]]
@@ -72,8 +72,8 @@ def test_local_update_drops_exactly_the_experts_outside_the_budget(monkeypatch):
     for l, groups in enumerate(seen["groups"]):
         dropped = [e for e, g in enumerate(groups) if g == -1]
         assert dropped == [e for e in range(EXPERTS) if e not in kept[l]]
-    assert up.stats["peak_memory_bytes"] <= ctx.devices[0].memory_bytes
-    assert up.stats["profile_s"] == 0.25
+    assert up.costs.peak_memory_bytes <= ctx.devices[0].memory_bytes
+    assert up.costs.profile_s == 0.25
     assert set(up.expert_deltas) <= {(l, e) for l in range(LAYERS) for e in kept[l]}
     assert len(up.expert_deltas) > 0 and any(d["gate_up"].abs().max() > 0 for d in up.expert_deltas.values())
     # the global experts are untouched by the participant

@@ -1,4 +1,4 @@
-"""flux.federation.profiles: nominal classes, scaling to the model in use, assignment."""
+"""flux.federation.devices: nominal classes, scaling to the model in use, assignment."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 
 from flux.federation.config import ConfigError, DevicesConfig
-from flux.federation.profiles import (DEVICE_CLASSES, REFERENCE_BYTES_PER_PARAM, REFERENCE_MODEL_PARAMS,
+from flux.federation.devices import (DEVICE_CLASSES, REFERENCE_BYTES_PER_PARAM, REFERENCE_MODEL_PARAMS,
                                       DeviceProfile, participant_profiles,
                                       profile_from_dict, scale_profile)
 

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from flux.federation.config import ConfigError
+from flux.federation.errors import ConfigError
 
 if TYPE_CHECKING:
     from flux.federation.config import DevicesConfig

@@ -1,0 +1,138 @@
+"""Everything a run reports, in one object: the saved config, ``base.json``, one record per
+round in ``metrics.jsonl``, the progress bar, notices, and at the end ``summary.json``,
+``accuracy.png`` and ``table.md``.
+
+The engine hands it numbers and words; only the lead rank (rank 0) writes or prints.  Notices
+go to ``stream`` (stderr by default) with a neutral ``[flux]`` prefix: the engine is a library,
+the CLI decides what else to print.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+
+def _median(xs) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def critical_overhead_fraction(records: list[dict]) -> float:
+    """Share of the simulated run time that is method overhead on the critical path
+    (``critical_overhead_s`` over ``round_sim_s``, summed over rounds)."""
+    sim = sum(x.get("round_sim_s", 0.0) for x in records)
+    return sum(x.get("critical_overhead_s", 0.0) for x in records) / sim if sim > 0 else 0.0
+
+
+class RunReporter:
+    """The run's outputs under ``out`` (module docstring).
+
+    Args:
+        out: the run directory.
+        lead: whether this rank writes and prints (rank 0).
+        progress: show a progress bar (tqdm on ``stream``).
+        stream: where notices and the progress bar go.
+    """
+
+    def __init__(self, out: Path, *, lead: bool, progress: bool, stream: TextIO | None = None) -> None:
+        self.out, self.lead = Path(out), lead
+        self.progress = progress and lead
+        self.stream = stream if stream is not None else sys.stderr
+        self.metrics = None
+        self._bar = None
+
+    def start(self, config_toml: str, completed_rounds: int) -> None:
+        """Save the resolved config and drop metrics of rounds after ``completed_rounds`` (they
+        are re-run after a resume)."""
+        if not self.lead:
+            return
+        from flux.federation.metrics import MetricsWriter
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.toml").write_text(config_toml)
+        self.metrics = MetricsWriter(self.out)
+        self.metrics.truncate_after(completed_rounds)
+
+    def notice(self, message: str) -> None:
+        """A one-line message for the user (resumes, rejected updates)."""
+        if self.lead:
+            print(f"[flux] {message}", file=self.stream)
+
+    def base(self, metrics: dict) -> None:
+        """The pretrained model's metrics before round 1 (``base.json``)."""
+        if self.lead:
+            from flux.federation.metrics import write_json_atomic
+
+            write_json_atomic(self.out / "base.json", metrics)
+
+    # ------------------------------------------------------------------ rounds
+    def open_progress(self, total: int, initial: int, label: str) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, initial=initial, desc=f"flux run [{label}]", disable=not self.progress,
+                         file=self.stream, dynamic_ncols=True)
+
+    def round(self, record: dict) -> None:
+        """Append a round's record to ``metrics.jsonl`` and advance the progress bar."""
+        from flux.federation.metrics import progress_line
+
+        if self.lead and self.metrics is not None:
+            self.metrics.append(record)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix_str(progress_line(record))
+
+    def close_progress(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, *, cfg, facts: dict[str, Any]) -> Optional[dict]:
+        """Write ``summary.json``, ``accuracy.png`` and ``table.md`` from ``metrics.jsonl``;
+        ``facts`` are the run's constants (model hash, machine throughput, devices, ...) that go
+        into the summary as they are.  Returns the summary (None off the lead rank)."""
+        if not self.lead:
+            return None
+        from flux.federation.metrics import (plot_accuracy, read_metrics, result_table, time_to_accuracy,
+                                             write_json_atomic)
+
+        records = read_metrics(self.out)
+        tta = time_to_accuracy(records, cfg.target_accuracy)
+        accs = [x["accuracy"] for x in records if x.get("accuracy") is not None]
+        overhead = sum(x.get("overhead_s", 0.0) for x in records)
+        compute = sum(x.get("compute_s", 0.0) for x in records)
+        summary = {
+            "method": cfg.method,
+            "target": cfg.target_accuracy,
+            "time_to_accuracy": None if tta is None else {"wall_s": tta["wall_s"], "sim_s": tta["sim_s"],
+                                                          "round": tta["round"]},
+            "final_accuracy": accs[-1] if accs else None,
+            "best_accuracy": max(accs) if accs else None,
+            "rounds": len(records),
+            "model_sha256": facts["model_sha256"],
+            "wall_s": records[-1]["wall_s"] if records else 0.0,
+            "sim_s": records[-1]["sim_s"] if records else 0.0,
+            "peak_memory_bytes": max((x.get("peak_memory_bytes", 0) for x in records), default=0),
+            "bytes_up": sum(x.get("bytes_up", 0) for x in records),
+            "bytes_down": sum(x.get("bytes_down", 0) for x in records),
+            "offload_bytes": sum(x.get("offload_bytes", 0) for x in records),
+            "overhead_fraction": overhead / (overhead + compute) if overhead + compute > 0 else 0.0,
+            "critical_overhead_fraction": critical_overhead_fraction(records),
+            **{k: facts[k] for k in ("world_size", "machine_flops", "devices", "model_params", "pretrain")},
+            "base": _read_json(self.out / "base.json"),
+            **{k: facts[k] for k in ("task", "test_examples")},
+            "routing_drift_median": _median([x.get("routing_drift") for x in records]),
+        }
+        write_json_atomic(self.out / "summary.json", summary)
+        plot_accuracy(records, self.out / "accuracy.png", target=cfg.target_accuracy,
+                      title=f"{cfg.method} on {cfg.dataset.name}")
+        (self.out / "table.md").write_text(result_table(records, summary))
+        return summary
