@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -137,37 +137,40 @@ def aggregate(updates: Sequence[Update]) -> tuple[dict[ExpertKey, dict[str, Tens
 
 
 # ---------------------------------------------------------------------------- collectives
-def _distributed(group: Any) -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def gather_updates(local: list[Update], group: Any = None) -> list[Update]:
+def gather_updates(local: list[Update], group: Any = None,
+                   on_bad_rank: Optional[Callable[[int, Exception], None]] = None) -> list[Update]:
     """Every rank's updates, sorted by participant (on every rank).
 
-    With ``torch.distributed`` initialised and more than one rank, the lists are exchanged with
-    ``all_gather_object`` (tensors travel pickled, on the device they are on); otherwise the
-    local list is returned sorted.  Raises ValueError if two updates name the same participant.
+    With ``torch.distributed`` initialised and more than one rank, the lists travel as
+    pickle-free payloads (:func:`flux.federation.distributed.all_gather_objects`): decoding
+    builds only tensors, numbers, strings, containers and :class:`Update` /
+    ``LocalCosts`` records.  A rank whose payload does not decode (or is not a list of updates)
+    is passed to ``on_bad_rank(rank, error)`` and contributes nothing; without the callback it is
+    an error.  Raises ValueError if two updates name the same participant.
     """
-    if not _distributed(group):
-        return _sorted_unique(local)
-    import torch.distributed as dist
+    from flux.federation.distributed import all_gather_objects
+    from flux.federation.wire import WireError
 
-    parts: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, list(local), group=group)
-    return _sorted_unique(u for part in parts for u in part)
+    parts = all_gather_objects(list(local), group)
+    kept: list[Update] = []
+    for rank, part in enumerate(parts):
+        problem: Optional[Exception] = part if isinstance(part, Exception) else None
+        if problem is None and not (isinstance(part, list) and all(isinstance(u, Update) for u in part)):
+            problem = WireError(f"rank {rank}: expected a list of updates, got {type(part).__name__}")
+        if problem is not None:
+            if on_bad_rank is None:
+                raise problem
+            on_bad_rank(rank, problem)
+            continue
+        kept.extend(part)
+    return _sorted_unique(kept)
 
 
 def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
-    """``obj`` from rank ``src`` on every rank (identity without a multi-rank process group)."""
-    if not _distributed(group):
-        return obj
-    import torch.distributed as dist
+    """``obj`` from rank ``src`` on every rank (pickle-free; identity without a process group)."""
+    from flux.federation.distributed import broadcast
 
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
+    return broadcast(obj, src=src, group=group)
 
 
 # ---------------------------------------------------------------------------- applying

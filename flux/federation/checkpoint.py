@@ -1,4 +1,4 @@
-"""Atomic round checkpoints: ``run_dir/checkpoints/round-NNNNN.pt`` plus a ``LATEST`` pointer.
+"""Atomic round checkpoints: ``run_dir/checkpoints/round-NNNNN.ckpt`` plus a ``LATEST`` pointer.
 
 A checkpoint is written to a temporary file in the same directory, flushed and fsynced, renamed
 over its final name (``os.replace`` is atomic on POSIX), and the directory is fsynced so the
@@ -6,12 +6,17 @@ rename survives a power cut.  ``LATEST`` is replaced the same way.  A process ki
 therefore leaves either the old or the new checkpoint, never a torn one; leftover temporary
 files are ignored by :func:`load_latest` and removed by the next save.
 
-Checkpoints hold Python objects (method state, RNG states), so they are loaded with
-``weights_only=False``: only load run directories you wrote yourself.
+A checkpoint is never a pickle: it is :func:`flux.federation.wire.seal`'s format (a magic, the
+SHA-256 of the payload, then a typed header and raw tensor bytes), so loading one builds only
+tensors, numbers, strings, containers and a short allow-list of FLUX records, and a truncated or
+corrupted file is detected by its checksum.  :func:`load_latest` then falls back to the previous
+good checkpoint with a warning.  A write that fails (e.g. a full disk) raises
+:class:`~flux.federation.errors.StorageError` and leaves the previous checkpoint and ``LATEST``
+untouched (the new file only replaces anything once it is complete).
 """
 from __future__ import annotations
 
-import io
+import errno
 import os
 import random
 import re
@@ -23,14 +28,16 @@ import numpy as np
 import torch
 
 from flux.data.cache import atomic_write_bytes
+from flux.federation.errors import StorageError
+from flux.federation.wire import seal, unseal
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "LATEST"
-_NAME = re.compile(r"^round-(\d{5,})\.pt$")
+_NAME = re.compile(r"^round-(\d{5,})\.ckpt$")
 
 
 def checkpoint_path(run_dir: str | os.PathLike, round_index: int) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR / f"round-{round_index:05d}.pt"
+    return Path(run_dir) / CHECKPOINT_DIR / f"round-{round_index:05d}.ckpt"
 
 
 def _rounds_on_disk(directory: Path) -> list[int]:
@@ -56,10 +63,12 @@ def save_checkpoint(run_dir: str | os.PathLike, round_index: int, state: dict, *
     directory = Path(run_dir) / CHECKPOINT_DIR
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(run_dir, round_index)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-    atomic_write_bytes(directory / LATEST, f"{path.name}\n".encode())
+    data = seal(state)
+    try:
+        atomic_write_bytes(path, data)
+        atomic_write_bytes(directory / LATEST, f"{path.name}\n".encode())
+    except OSError as exc:
+        raise storage_error(exc, f"writing checkpoint {path} ({len(data)} bytes)") from exc
     # Newer checkpoints belong to an abandoned timeline (a resumed run re-does those rounds).
     older = [r for r in _rounds_on_disk(directory) if r <= round_index]
     stale = [r for r in _rounds_on_disk(directory) if r > round_index] + older[:-keep]
@@ -70,8 +79,19 @@ def save_checkpoint(run_dir: str | os.PathLike, round_index: int, state: dict, *
     return path
 
 
+def storage_error(exc: OSError, what: str) -> StorageError:
+    """A clear error for a failed write; says that the previous checkpoint is intact."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    cause = "the disk is full" if full else f"{exc.strerror or exc}"
+    return StorageError(f"{what} failed: {cause}. The previous checkpoint is intact; free space and resume "
+                        f"with --resume.")
+
+
 def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state = unseal(path.read_bytes())
+    if not isinstance(state, dict):
+        raise ValueError(f"a checkpoint holds a dict, {path} holds a {type(state).__name__}")
+    return state
 
 
 def load_latest(run_dir: str | os.PathLike) -> Optional[tuple[int, dict]]:

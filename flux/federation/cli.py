@@ -39,11 +39,12 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"flux run: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     out = args.resume or args.out or f"runs/{cfg.method.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from flux.federation.errors import RunDirectoryInUse, StorageError
     from flux.federation.runner import RankFailure, run
 
     try:
         summary = run(cfg, out, resume=bool(args.resume), nproc=args.nproc, progress=not args.quiet)
-    except RankFailure as exc:
+    except (RankFailure, StorageError, RunDirectoryInUse) as exc:
         print(f"flux run: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:  # impossible budgets are only known once the model is built

@@ -93,6 +93,8 @@ class FaultsConfig:
     dropout: float = 0.0
     deadline_s: float = 0.0
     rank_timeout_s: float = 120.0
+    max_delta_rms_ratio: float = 10.0  # flux/federation/robust.py; 0 = off
+    poison_action: str = "clip"
 
 
 @dataclass(frozen=True)
@@ -347,6 +349,9 @@ def validate(cfg: RunConfig) -> None:
     _check(0 <= x.dropout < 1, "faults.dropout", f"must be in [0, 1), got {x.dropout}")
     _check(x.deadline_s >= 0, "faults.deadline_s", f"must be >= 0 (0 = no deadline), got {x.deadline_s}")
     _check(x.rank_timeout_s > 0, "faults.rank_timeout_s", f"must be > 0, got {x.rank_timeout_s}")
+    _check(x.max_delta_rms_ratio == 0 or x.max_delta_rms_ratio >= 1, "faults.max_delta_rms_ratio",
+           f"must be 0 (off) or >= 1, got {x.max_delta_rms_ratio}")
+    _one_of(x.poison_action, ("clip", "reject"), "faults.poison_action")
 
     c = cfg.checkpoint
     _check(c.every >= 0, "checkpoint.every", f"must be >= 0 (0 = never), got {c.every}")

@@ -1,9 +1,10 @@
 """Process layout: one process without a process group, W spawned local ranks, or torchrun.
 
-``torch.distributed`` is only used for collectives of Python objects (updates, profiles, the
-evaluation result): gloo on CPU, NCCL when the ranks drive GPUs.  A rank that dies makes the
-others' next collective fail after ``rank_timeout_s`` instead of hanging; the runner turns that
-into a clear error.
+``torch.distributed`` carries the run's objects (updates, profiles, the evaluation result) as
+pickle-free payloads (:mod:`flux.federation.wire`: a typed header plus raw tensor bytes, decoded
+with checks): a rank can send garbage but never code.  gloo on CPU, NCCL when the ranks drive
+GPUs.  A rank that dies makes the others' next collective fail after ``rank_timeout_s`` instead
+of hanging; the runner turns that into a clear error.
 """
 from __future__ import annotations
 
@@ -49,24 +50,83 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _multi_rank(group: Any = None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _wire_device(group: Any = None) -> torch.device:
+    """Where collective buffers must live: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_payloads(payload: bytes, group: Any = None) -> list[bytes]:
+    """Every rank's byte string (any lengths), in rank order."""
+    if not _multi_rank(group):
+        return [payload]
+    device = _wire_device(group)
+    world = dist.get_world_size(group)
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    lengths = [int(x.item()) for x in sizes]
+    buf = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    if payload:
+        buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf, group=group)
+    return [p[:n].cpu().numpy().tobytes() for p, n in zip(parts, lengths)]
+
+
+def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj`` (pickle-free, :func:`flux.federation.wire.encode`), in rank order.
+
+    A rank whose payload does not decode yields the :class:`~flux.federation.wire.WireError`
+    instance in its place (the caller decides: reject that rank's contribution or fail)."""
+    from flux.federation.wire import WireError, decode, encode
+
+    if not _multi_rank(group):
+        return [obj]
+    out: list[Any] = []
+    for rank, payload in enumerate(all_gather_payloads(encode(obj), group)):
+        try:
+            out.append(decode(payload))
+        except WireError as exc:
+            out.append(WireError(f"rank {rank}: {exc}"))
+    return out
+
+
 def all_gather_dict(local: dict) -> dict:
-    """Union of every rank's dict (keys must not collide)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return dict(local)
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
+    """Union of every rank's dict (keys must not collide); a payload that does not decode is an
+    error naming its rank."""
+    from flux.federation.wire import WireError
+
     out: dict = {}
-    for part in parts:
+    for part in all_gather_objects(dict(local)):
+        if isinstance(part, WireError):
+            raise part
+        if not isinstance(part, dict):
+            raise WireError(f"expected a dict from every rank, got a {type(part).__name__}")
         out.update(part)
     return out
 
 
-def broadcast(obj: Any, src: int = 0) -> Any:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def broadcast(obj: Any, src: int = 0, group: Any = None) -> Any:
+    """``obj`` from rank ``src`` on every rank (pickle-free; identity without a process group)."""
+    from flux.federation.wire import decode, encode
+
+    if not _multi_rank(group):
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+    device = _wire_device(group)
+    payload = encode(obj) if dist.get_rank(group) == src else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=src, group=group)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if payload:
+        buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device))
+    dist.broadcast(buf, src=src, group=group)
+    return obj if dist.get_rank(group) == src else decode(buf.cpu())
 
 
 def barrier() -> None:

@@ -12,3 +12,11 @@ class ConfigError(ValueError):
 
     def __reduce__(self):  # picklable: bench workers send it back to the parent process
         return (type(self), (self.key, self.message))
+
+
+class StorageError(RuntimeError):
+    """Writing the run's outputs failed (e.g. a full disk); the message says what is intact."""
+
+
+class RunDirectoryInUse(RuntimeError):
+    """Another ``flux run`` holds the output directory's lock."""

@@ -84,7 +84,12 @@ class RunReporter:
         from flux.federation.metrics import progress_line
 
         if self.lead and self.metrics is not None:
-            self.metrics.append(record)
+            try:
+                self.metrics.append(record)
+            except OSError as exc:
+                from flux.federation.checkpoint import storage_error
+
+                raise storage_error(exc, f"appending round {record.get('round')} to {self.metrics.path}") from exc
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix_str(progress_line(record))

@@ -18,6 +18,7 @@ docs/architecture.md maps every step and equation to its file.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,6 +31,7 @@ import torch
 
 from flux.federation import distributed as fd
 from flux.federation.config import ConfigError, RunConfig, config_to_toml
+from flux.federation.errors import RunDirectoryInUse
 from flux.federation.rng import Stream, participant_generator
 from flux.federation.update import Failure, Update
 from flux.federation.workload import all_threads
@@ -286,8 +288,8 @@ class Run:
         sampled, dropped = self._sample(r)
         profiles = self._round_profiles(r, sampled)
         plans = self.method.plan(self.ctx, r, sampled, profiles)
-        updates = self._participant_work(r, sampled, dropped, plans, profiles)
-        admitted = self._admit(r, updates, dropped)
+        updates, lost = self._participant_work(r, sampled, dropped, plans, profiles)
+        admitted = self._admit(r, updates, dropped, lost)
         t_agg = time.perf_counter()
         delta = self.method.aggregate(self.ctx, r, admitted.accepted, admitted.failures)
         self._apply(r, delta, sampled, dropped)
@@ -319,19 +321,28 @@ class Run:
         return profiles
 
     def _participant_work(self, r: int, sampled: list[int], dropped: set[int], plans: dict,
-                          profiles: dict) -> list[Update]:
-        """This rank's share of the participants' local rounds, gathered from every rank."""
+                          profiles: dict) -> tuple[list[Update], list[Failure]]:
+        """This rank's share of the participants' local rounds, gathered from every rank; a rank
+        whose payload does not decode loses its participants' updates (failures)."""
         from flux.federation.aggregate import gather_updates
 
         local = [self.method.local_update(self.ctx, r, pid, plans[pid], profiles.get(pid))
                  for pid in my_share(sampled, self.rank, self.world) if pid not in dropped]
-        return gather_updates(local)
+        lost: list[Failure] = []
 
-    def _admit(self, r: int, updates: list[Update], dropped: set[int]) -> "Admission":
+        def bad_rank(rank: int, error: Exception) -> None:
+            for pid in my_share(sampled, rank, self.world):
+                if pid not in dropped:
+                    lost.append(Failure(pid, "rejected", f"undecodable payload: {error}"))
+
+        return gather_updates(local, on_bad_rank=bad_rank), lost
+
+    def _admit(self, r: int, updates: list[Update], dropped: set[int], lost: list[Failure] = ()) -> "Admission":
         """Validate each update (shapes, finiteness, counts), price it on its device's clock, and
         turn away the ones that miss the deadline; dropouts are failures too."""
         from flux.federation.aggregate import validate_update
         from flux.federation.clock import ParticipantTime
+        from flux.federation.robust import bound_updates, max_delta_rms_ratio
 
         cfg, handle = self.cfg, self.work.handle
         layer0 = handle.moe_layers[0]
@@ -341,8 +352,11 @@ class Run:
             expert_shapes.update(gate_up_bias=torch.Size([2 * i]), down_bias=torch.Size([h]))
         num_experts = [layer.num_experts for layer in handle.moe_layers]
         dense_shapes = {k: p.shape for k, p in self.method.dense_parameters(self.ctx).items()}
-        out = Admission(failures=[Failure(pid, "dropout", "dropped out") for pid in sorted(dropped)])
+        out = Admission(failures=[Failure(pid, "dropout", "dropped out") for pid in sorted(dropped)] + list(lost))
+        for f in lost:
+            self.reporter.notice(f"round {r + 1}: rejected participant {f.participant}: {f.reason}")
         stale = self.method.needs_profiles and cfg.flux.stale_profiling and r > 0
+        valid = []
         for u in updates:
             reason = validate_update(u, expert_shapes, dense_shapes, num_experts=num_experts)
             if reason is None and u.costs is None:
@@ -351,6 +365,17 @@ class Run:
                 out.failures.append(Failure(u.participant, "rejected", reason))
                 self.reporter.notice(f"round {r + 1}: rejected the update of participant {u.participant}: {reason}")
                 continue
+            valid.append(u)
+        out.delta_rms_ratio_max = max_delta_rms_ratio(valid)
+        out.bounded = bound_updates(valid, max_delta_rms_ratio=cfg.faults.max_delta_rms_ratio,
+                                    action=cfg.faults.poison_action, max_samples=cfg.local_steps * cfg.batch_size,
+                                    seq_len=cfg.dataset.seq_len)
+        for pid in sorted({e["participant"] for e in out.bounded}):
+            mine = [e for e in out.bounded if e["participant"] == pid]
+            kinds = sorted({f"{e['check']} {e['action']}" for e in mine})
+            self.reporter.notice(f"round {r + 1}: participant {pid}: {len(mine)} value(s) beyond the poisoning "
+                                 f"bounds ({', '.join(kinds)}; metrics.jsonl 'bounded')")
+        for u in valid:
             dev, costs = self.devices[u.participant], u.costs
             costs.bytes_down = self.download_bytes(u.participant, r)
             pt = ParticipantTime(
@@ -443,6 +468,9 @@ class Run:
             "overhead_s": round(sum(c.overhead_s + c.profile_s for c in costs), 4),
             "offload_bytes": int(sum(c.offload_bytes for c in costs)),
             "lr": round_lr(self.cfg, r),
+            "bounded": admitted.bounded,
+            "delta_rms_ratio_max": (None if admitted.delta_rms_ratio_max is None
+                                    else round(admitted.delta_rms_ratio_max, 4)),
             **{k: v for k, v in result.items() if k not in ("accuracy", "loss")},
         }
 
@@ -499,12 +527,16 @@ class Admission:
         failures: dropouts, rejected updates and missed deadlines.
         times: participant -> its simulated phases (:class:`flux.federation.clock.ParticipantTime`).
         overhead_sim: participant -> simulated seconds of its method overhead.
+        bounded: the poisoning bounds' interventions (:func:`flux.federation.robust.bound_updates`).
+        delta_rms_ratio_max: the largest expert-delta RMS over the round's median (the margin).
     """
 
     accepted: list = dataclasses.field(default_factory=list)
     failures: list = dataclasses.field(default_factory=list)
     times: dict = dataclasses.field(default_factory=dict)
     overhead_sim: dict = dataclasses.field(default_factory=dict)
+    bounded: list = dataclasses.field(default_factory=list)
+    delta_rms_ratio_max: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -522,13 +554,44 @@ def _mean(xs) -> Optional[float]:
 
 
 # ---------------------------------------------------------------------------- entry points
+LOCK_FILE = ".flux-run.lock"
+
+
+@contextlib.contextmanager
+def run_directory_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.flux-run.lock`` (an exclusive, non-blocking ``flock``) for a run's lifetime:
+    a second ``flux run`` on the same directory fails at once instead of interleaving two runs'
+    checkpoints and metrics.  The kernel drops the lock when the process dies, so a crashed run
+    never leaves a stale lock behind (``--resume`` just works)."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    fd_ = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd_, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd_, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunDirectoryInUse(f"{out} is in use by another flux run (pid {holder}); wait for it, or choose "
+                                    "another --out") from None
+        os.ftruncate(fd_, 0)
+        os.pwrite(fd_, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd_)  # releases the flock
+
+
 def _rank_main(rank: int, world: int, init_method: Optional[str], cfg: RunConfig, out_dir: str, resume: bool,
                progress: bool) -> Optional[dict]:
     configure_threads(cfg)
     device = torch.device("cpu")
     fd.init_group(rank, world, timeout_s=cfg.faults.rank_timeout_s, device=device, init_method=init_method)
     try:
-        return Run(cfg, Path(out_dir), resume=resume, progress=progress).execute()
+        # under torchrun no parent process holds the directory: rank 0 does
+        lock = run_directory_lock(Path(out_dir)) if fd.under_torchrun() and rank == 0 else contextlib.nullcontext()
+        with lock:
+            return Run(cfg, Path(out_dir), resume=resume, progress=progress).execute()
     except RuntimeError as exc:
         if world > 1 and _is_collective_failure(exc):
             raise RankFailure(
@@ -562,7 +625,8 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, npr
         return _rank_main(rank, world, None, cfg, str(out), resume, progress)
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
-    if nproc == 1:
-        return _rank_main(0, 1, None, cfg, str(out), resume, progress)
-    fd.spawn(_spawned, nproc, (cfg, str(out), resume, progress))
+    with run_directory_lock(out):
+        if nproc == 1:
+            return _rank_main(0, 1, None, cfg, str(out), resume, progress)
+        fd.spawn(_spawned, nproc, (cfg, str(out), resume, progress))
     return json.loads((out / "summary.json").read_text())  # written by rank 0

@@ -21,8 +21,8 @@ def state_of(r: int) -> dict:
 def test_save_and_load_latest_round_trips_tensors_and_objects(tmp_path):
     assert load_latest(tmp_path) is None
     path = save_checkpoint(tmp_path, 3, state_of(3))
-    assert path == tmp_path / "checkpoints" / "round-00003.pt" and path.exists()
-    assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == "round-00003.pt"
+    assert path == tmp_path / "checkpoints" / "round-00003.ckpt" and path.exists()
+    assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == "round-00003.ckpt"
     r, state = load_latest(tmp_path)
     assert r == 3 and state["method"] == {"history": [3, 3, 3]}
     assert torch.equal(state["model"]["w"], torch.full((3, 2), 3.0))
@@ -32,9 +32,9 @@ def test_keeps_only_the_newest_and_ignores_temp_files(tmp_path):
     for r in range(1, 6):
         save_checkpoint(tmp_path, r, state_of(r), keep=2)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["LATEST", "round-00004.pt", "round-00005.pt"]
+    assert names == ["LATEST", "round-00004.ckpt", "round-00005.ckpt"]
     # a writer killed mid-save leaves a temp file: it is never loaded and the next save removes it
-    (tmp_path / "checkpoints" / ".round-00006.pt.k3j2x9.tmp").write_bytes(b"partial")
+    (tmp_path / "checkpoints" / ".round-00006.ckpt.k3j2x9.tmp").write_bytes(b"partial")
     assert load_latest(tmp_path)[0] == 5
     save_checkpoint(tmp_path, 6, state_of(6), keep=2)
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
@@ -44,7 +44,7 @@ def test_corrupt_latest_falls_back_to_the_previous_one_with_a_warning(tmp_path):
     save_checkpoint(tmp_path, 1, state_of(1))
     save_checkpoint(tmp_path, 2, state_of(2))
     checkpoint_path(tmp_path, 2).write_bytes(b"not a torch file")
-    with pytest.warns(RuntimeWarning, match="round-00002.pt is unreadable"):
+    with pytest.warns(RuntimeWarning, match="round-00002.ckpt is unreadable"):
         r, state = load_latest(tmp_path)
     assert r == 1 and state["next_round"] == 1
 
@@ -102,4 +102,4 @@ def test_bad_arguments(tmp_path):
         save_checkpoint(tmp_path, 1, {}, keep=0)
     with pytest.raises(ValueError, match="round_index"):
         save_checkpoint(tmp_path, -1, {})
-    assert not os.path.exists(tmp_path / "checkpoints" / "round--0001.pt")
+    assert not os.path.exists(tmp_path / "checkpoints" / "round--0001.ckpt")
