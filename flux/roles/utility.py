@@ -8,7 +8,6 @@ gradients yet, so utility = activation frequency normalised per layer.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -24,9 +23,13 @@ def utility_from_sums(num_routed: float, grad_sq_sum: float) -> float:
     Args:
         num_routed: |D_e|, samples routed to the expert (may be a scaled estimate), >= 0.
         grad_sq_sum: sum over those samples of squared per-sample gradient norms, >= 0.
+
+    A non-finite sum (a participant whose training diverged) gives a non-finite utility instead
+    of raising: the server's update validation then rejects that participant's update, and the
+    run goes on (the engine's behaviour before this function existed).  Negative sums raise.
     """
-    if not (math.isfinite(num_routed) and math.isfinite(grad_sq_sum)) or num_routed < 0 or grad_sq_sum < 0:
-        raise ValueError(f"Eq. 3 needs finite sums >= 0, got |D_e|={num_routed}, sum ||g||^2={grad_sq_sum}")
+    if num_routed < 0 or grad_sq_sum < 0:  # False for NaN: it propagates
+        raise ValueError(f"Eq. 3 needs sums >= 0, got |D_e|={num_routed}, sum ||g||^2={grad_sq_sum}")
     return float((num_routed * grad_sq_sum) ** 0.5)
 
 

@@ -51,3 +51,45 @@ def test_float64_accumulation_rounds_once():
     assert got.dtype == torch.float32
     assert torch.equal(got, ref64.float())
     assert (acc32.double() - ref64).abs().max() > (got.double() - ref64).abs().max()
+
+
+def test_float64_accumulation_survives_cancellation():
+    """Ill-conditioned Eq. 2: two large members that cancel plus a small one.  The exact result
+    is small; float32 accumulation keeps only the rounding error of the large partial sums."""
+    g = torch.Generator().manual_seed(1)
+    big = (torch.rand(2048, generator=g) + 1.0) * 2.0**23  # exact in float32
+    small = torch.randn(2048, generator=g)
+    ws = [big, -(big - 1.0), small]  # exact in float32; w0 + w1 = 1
+    alpha = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    exact = (1.0 + small.double()) / 3.0
+    acc32 = torch.zeros(2048)
+    for w in ws:
+        acc32.add_(w, alpha=1.0 / 3.0)
+    got = merge_cluster(ws, alpha)
+    assert got.dtype == torch.float32
+    # float64 partial sums (~3e6) carry ~1e-9 absolute: the result is the exact value rounded to
+    # float32 (<= 1 ulp) up to that
+    tol = torch.finfo(torch.float32).eps * exact.abs() + 1e-8
+    assert bool(((got.double() - exact).abs() <= tol).all())
+    assert (acc32.double() - exact).abs().max().item() > 0.1  # float32 partial sums: ~0.25 absolute error
+    # merge_experts (the planner's stacks) accumulates the same way
+    out = merge_experts(torch.stack(ws), torch.tensor([0, 0, 0]), alpha)
+    assert torch.equal(out[0], got)
+
+
+
+def test_handle_merged_bias_groups_equal_merge_cluster_bitwise():
+    """Biased experts: the handle's merged biases are Eq. 2 (merge_cluster) of the members' biases."""
+    from tests.moe.test_variants import E, _block
+
+    handle = flux.patch(_block(transposed=False, interleaved=False, bias=True))
+    layer = handle.moe_layers[0]
+    assert layer.native and layer.source.has_bias
+    alpha = torch.rand(E, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.1
+    clusters = [[1, 3], [2, 4]]
+    layout = layer.merged_groups([0], clusters, weights=alpha)
+    for c, members in enumerate(clusters):
+        ws = [layer.expert_weights(i) for i in members]
+        assert torch.equal(layout["gate_up"][1 + c], merge_cluster([w.gate_up for w in ws], alpha[members]))
+        assert torch.equal(layout["gate_up_bias"][1 + c], merge_cluster([w.gate_up_bias for w in ws], alpha[members]))
+        assert torch.equal(layout["down_bias"][1 + c], merge_cluster([w.down_bias for w in ws], alpha[members]))

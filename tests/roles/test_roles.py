@@ -17,6 +17,7 @@ from flux.roles import (
     spsa_gradient,
     split_budget,
     utilities_from_grad_norms,
+    utility_from_sums,
 )
 
 # ------------------------------------------------------------------------------------ Eq. 3
@@ -78,6 +79,50 @@ def test_utility_edge_cases_and_round_one():
     torch.testing.assert_close(u[0], torch.tensor([0.2, 0.6, 0.0, 0.2], dtype=torch.float64))
     assert u[1].tolist() == [0.0, 0.0]
     torch.testing.assert_close(u[2], torch.tensor([0.25, 0.75], dtype=torch.float64))
+
+
+def test_utility_from_sums_is_the_engines_formula_bitwise():
+    """Eq. 3 has one home: the value is exactly the engine's former inline
+    ``float((d_e * sq) ** 0.5)``, for scaled (non-integer) counts too."""
+    g = torch.Generator().manual_seed(0)
+    counts = (torch.rand(200, generator=g, dtype=torch.float64) * 50).tolist() + [0.0, 1.0, 3.0]
+    sums = (torch.rand(203, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-8, 8, (203,), generator=g)).tolist()
+    for d, sq in zip(counts, sums):
+        assert utility_from_sums(d, sq) == float((d * float(sq)) ** 0.5)
+    assert utility_from_sums(0.0, 5.0) == 0.0
+
+
+def test_utility_from_sums_propagates_non_finite_and_rejects_negative():
+    # a diverged participant: NaN utility, rejected by the server's update validation (not a crash)
+    assert math.isnan(utility_from_sums(3.0, float("nan")))
+    assert math.isinf(utility_from_sums(3.0, float("inf")))
+    with pytest.raises(ValueError, match=">= 0"):
+        utility_from_sums(-1.0, 2.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        utility_from_sums(1.0, -2.0)
+
+
+def test_flux_engine_utilities_go_through_utility_from_sums():
+    """The Flux method's backprop and zeroth-order utilities: sqrt(|D_e| * scale * sum ||g||^2)."""
+    from types import SimpleNamespace as NS
+
+    from flux.methods.flux import Flux, _ZerothOrderExplorer
+
+    tokens = torch.tensor([[2, 0, 1], [0, 0, 3], [1, 1, 0], [4, 0, 0]])  # sample_tokens [N, E]
+    profile = NS(indices=None, layers=[NS(sample_tokens=tokens, num_experts=3)])
+    samples = [0, 1, 3]
+    layers = [NS(view=NS(tuned_experts=[0, 2]))]
+    tracker = NS(scale=2.5, sq_norms={0: torch.tensor([0.7, 1.3])})
+    out = Flux._utilities(profile, samples, tracker, layers)
+    # |D_0| = 2 (samples 0, 3), |D_2| = 2 (samples 0, 1)
+    assert out == {(0, 0): float((2.0 * float(2.5 * torch.tensor(0.7))) ** 0.5),
+                   (0, 2): float((2.0 * float(2.5 * torch.tensor(1.3))) ** 0.5)}
+    explorer = _ZerothOrderExplorer.__new__(_ZerothOrderExplorer)
+    explorer.rows, explorer.sq = [(0, 1)], {(0, 1): 4.0}
+    assert explorer.utilities(profile, samples) == {(0, 1): 0.0}  # no trained sample reached expert 1
+    explorer.rows = [(0, 0)]
+    explorer.sq = {(0, 0): float("nan")}
+    assert math.isnan(explorer.utilities(profile, samples)[(0, 0)])
     with pytest.raises(ValueError, match="layer 0"):
         activation_utilities([[float("nan"), 1.0]])
 
