@@ -104,6 +104,11 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = False  # also write the round metrics as TensorBoard scalars (RUN_DIR/tensorboard)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     method: str = "flux"
     rounds: int = 12
@@ -126,6 +131,7 @@ class RunConfig:
     flux: FluxConfig = field(default_factory=FluxConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # ---------------------------------------------------------------------------- loading

@@ -31,6 +31,41 @@ def critical_overhead_fraction(records: list[dict]) -> float:
     return sum(x.get("critical_overhead_s", 0.0) for x in records) / sim if sim > 0 else 0.0
 
 
+# the curves worth plotting against simulated time as well as rounds
+SIM_TIME_CURVES = ("accuracy", "loss")
+
+
+def _tensorboard_writer(log_dir: Path, purge_step: int):
+    """A ``torch.utils.tensorboard.SummaryWriter``; after a resume, events of rounds that are
+    re-run (>= ``purge_step``) are purged so the curves do not fold back."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # torch imports the tensorboard package lazily
+        raise ImportError("log.tensorboard = true needs the tensorboard package: pip install tensorboard") from exc
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def write_scalars(writer, record: dict) -> int:
+    """Every finite number of a round's record as a scalar at step = round (``round``, lists and
+    strings skipped); accuracy and loss also against simulated seconds.  Returns how many."""
+    import math
+
+    step = int(record["round"])
+    n = 0
+    for key, value in record.items():
+        if key == "round" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            continue
+        writer.add_scalar(f"round/{key}", value, step)
+        n += 1
+        if key in SIM_TIME_CURVES and record.get("sim_s") is not None:
+            # TensorBoard steps are integers: simulated milliseconds
+            writer.add_scalar(f"{key}_vs_sim_s/{key}", value, int(round(1000 * record["sim_s"])))
+    writer.flush()
+    return n
+
+
 class RunReporter:
     """The run's outputs under ``out`` (module docstring).
 
@@ -41,12 +76,15 @@ class RunReporter:
         stream: where notices and the progress bar go.
     """
 
-    def __init__(self, out: Path, *, lead: bool, progress: bool, stream: TextIO | None = None) -> None:
+    def __init__(self, out: Path, *, lead: bool, progress: bool, stream: TextIO | None = None,
+                 tensorboard: bool = False) -> None:
         self.out, self.lead = Path(out), lead
         self.progress = progress and lead
         self.stream = stream if stream is not None else sys.stderr
         self.metrics = None
         self._bar = None
+        self.tensorboard = tensorboard and lead
+        self._tb = None
 
     def start(self, config_toml: str, completed_rounds: int) -> None:
         """Save the resolved config and drop metrics of rounds after ``completed_rounds`` (they
@@ -59,6 +97,8 @@ class RunReporter:
         (self.out / "config.toml").write_text(config_toml)
         self.metrics = MetricsWriter(self.out)
         self.metrics.truncate_after(completed_rounds)
+        if self.tensorboard:
+            self._tb = _tensorboard_writer(self.out / "tensorboard", purge_step=completed_rounds + 1)
 
     def notice(self, message: str) -> None:
         """A one-line message for the user (resumes, rejected updates)."""
@@ -90,6 +130,8 @@ class RunReporter:
                 from flux.federation.checkpoint import storage_error
 
                 raise storage_error(exc, f"appending round {record.get('round')} to {self.metrics.path}") from exc
+        if self._tb is not None:
+            write_scalars(self._tb, record)
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix_str(progress_line(record))
@@ -98,6 +140,9 @@ class RunReporter:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     # ------------------------------------------------------------------ the end
     def finish(self, *, cfg, facts: dict[str, Any]) -> Optional[dict]:

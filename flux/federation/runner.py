@@ -133,7 +133,7 @@ class Run:
         self.out = out_dir
         self.rank, self.world = fd.rank_and_world()
         self.lead = self.rank == 0
-        self.reporter = RunReporter(out_dir, lead=self.lead, progress=progress)
+        self.reporter = RunReporter(out_dir, lead=self.lead, progress=progress, tensorboard=cfg.log.tensorboard)
         try:  # first: a user's "module:Class" that does not import is reported before any work
             self.method = make_method(cfg.method)
         except ValueError as exc:
