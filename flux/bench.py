@@ -32,6 +32,22 @@ from typing import Any, Optional, Sequence
 from flux.methods.registry import BASELINES as BASELINE_METHODS  # the approaches FLUX replaces
 from flux.methods.registry import method_names, method_problem
 
+# what a setting's target is measured on, and whether higher is better: test accuracy, or the
+# held-out loss (generative settings whose multiple-choice accuracy a small model cannot move)
+TARGET_METRICS: dict[str, bool] = {"accuracy": True, "loss": False}
+
+
+def _metric_of(setting: dict) -> str:
+    return setting.get("target_metric", "accuracy")
+
+
+def final_value(run: dict, metric: str) -> Optional[float]:
+    """A run's last evaluated ``metric`` (accuracy or loss)."""
+    if metric == "accuracy":
+        return run["summary"]["final_accuracy"]
+    values = [r.get(metric) for r in run["metrics"] if r.get(metric) is not None]
+    return values[-1] if values else None
+
 
 class BenchConfigError(ValueError):
     """A bad bench config; the message names the key."""
@@ -70,10 +86,13 @@ def load_bench_config(path: str | Path, *, methods: Optional[Sequence[str]] = No
     for i, s in enumerate(settings):
         if "name" not in s:
             raise BenchConfigError(f"settings[{i}].name is missing")
-        unknown_keys = set(s) - {"name", "config", "target_from_fedavg"}
+        unknown_keys = set(s) - {"name", "config", "target_from_fedavg", "target_metric"}
         if unknown_keys:
             raise BenchConfigError(f"settings[{i}]: unknown key(s) {sorted(unknown_keys)}; known: name, config, "
-                                   "target_from_fedavg")
+                                   "target_from_fedavg, target_metric")
+        if s.get("target_metric", "accuracy") not in TARGET_METRICS:
+            raise BenchConfigError(f"settings[{i}].target_metric must be one of {list(TARGET_METRICS)}, "
+                                   f"got {s.get('target_metric')!r}")
         rule = s.get("target_from_fedavg")
         if rule is not None and not (isinstance(rule, (int, float)) and not isinstance(rule, bool) and 0 < rule <= 1):
             raise BenchConfigError(f"settings[{i}].target_from_fedavg must be a fraction in (0, 1], got {rule!r}")
@@ -106,25 +125,28 @@ def _stderr(xs: list) -> Optional[float]:
     return statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) >= 2 else None
 
 
-def summarize(runs: list[dict], target: float) -> dict:
-    """Medians (and standard errors) over seeds of one (setting, method); time-to-accuracy is
-    recomputed from each run's metrics for the bench's ``target``."""
-    from flux.federation.metrics import time_to_accuracy
+def summarize(runs: list[dict], target: float, metric: str = "accuracy") -> dict:
+    """Medians (and standard errors) over seeds of one (setting, method); time-to-target is
+    recomputed from each run's metrics for the bench's ``target`` on ``metric``."""
+    from flux.federation.metrics import time_to_target
 
     tta_sim, tta_wall, rounds = [], [], []
     for r in runs:
-        tta = time_to_accuracy(r["metrics"], target)
+        tta = time_to_target(r["metrics"], target, key=metric, higher_is_better=TARGET_METRICS[metric])
         tta_sim.append(tta["sim_s"] if tta else None)
         tta_wall.append(tta["wall_s"] if tta else None)
         rounds.append(tta.get("round") if tta else None)
     reached = sum(t is not None for t in tta_sim)
     half = reached * 2 > len(runs)  # the median seed reached the target
     return {
+        "metric": metric,
         "reached": half,
         "reached_seeds": f"{reached}/{len(runs)}",
         "rounds_to_target": _median(rounds) if half else None,
         "tta_sim_s": _median(tta_sim) if half else None,
         "tta_wall_s": _median(tta_wall) if half else None,
+        "final_loss": _median([final_value(r, "loss") for r in runs]),
+        "base_loss": _median([(r["summary"].get("base") or {}).get("loss") for r in runs]),
         "final_accuracy": _median([r["summary"]["final_accuracy"] for r in runs]),
         "final_accuracy_se_seeds": _stderr([r["summary"]["final_accuracy"] for r in runs]),
         # binomial standard error of one run's test accuracy: the test set's own noise
@@ -166,6 +188,8 @@ def speedups(results: dict) -> dict:
             entry["flux_speedup_wall"] = best[1]["tta_wall_s"] / flux_r["tta_wall_s"]
         if flux_r and "fedavg" in by_method and flux_r["final_accuracy"] is not None:
             entry["flux_minus_fedavg_final_accuracy"] = flux_r["final_accuracy"] - by_method["fedavg"]["final_accuracy"]
+        if flux_r and "fedavg" in by_method and None not in (flux_r.get("final_loss"), by_method["fedavg"].get("final_loss")):
+            entry["flux_minus_fedavg_final_loss"] = flux_r["final_loss"] - by_method["fedavg"]["final_loss"]
         out[setting] = entry
     return out
 
@@ -174,18 +198,21 @@ def bench_table(results: dict, gains: dict, targets: dict) -> str:
     lines = []
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for setting, by_method in results.items():
-        base = next((r["base_accuracy"] for r in by_method.values() if r.get("base_accuracy") is not None), None)
-        lines.append(f"### {setting} (target accuracy {targets[setting]:.3f}; pretrained model before fine-tuning: "
-                     f"{fmt(base, '.3f')})\n")
+        metric = next((r.get("metric", "accuracy") for r in by_method.values()), "accuracy")
+        key = "base_accuracy" if metric == "accuracy" else "base_loss"
+        base = next((r[key] for r in by_method.values() if r.get(key) is not None), None)
+        lines.append(f"### {setting} (target {'accuracy' if metric == 'accuracy' else 'held-out loss'} "
+                     f"{targets[setting]:.3f}; pretrained model before fine-tuning: {fmt(base, '.3f')})\n")
         lines.append("| method | reached | rounds | TTA sim (s) | TTA wall (s) | final acc (± SE seeds) | best acc | "
-                     "peak mem (MB) | moved (MB) | overhead: critical path / work | routing drift |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                     "final loss | peak mem (MB) | moved (MB) | overhead: critical path / work | routing drift |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for m, r in by_method.items():
             se = r.get("final_accuracy_se_seeds")
             lines.append(f"| {m} | {r['reached_seeds']} | {fmt(r['rounds_to_target'], '.0f')} | "
                          f"{fmt(r['tta_sim_s'], '.1f')} | {fmt(r['tta_wall_s'], '.1f')} | "
                          f"{fmt(r['final_accuracy'], '.3f')}{'' if se is None else f' ± {se:.3f}'} | "
-                         f"{fmt(r.get('best_accuracy'), '.3f')} | {r['peak_memory_bytes'] / 2**20:.1f} | "
+                         f"{fmt(r.get('best_accuracy'), '.3f')} | {fmt(r.get('final_loss'), '.3f')} | "
+                         f"{r['peak_memory_bytes'] / 2**20:.1f} | "
                          f"{r['bytes_moved'] / 2**20:.1f} | {fmt(r.get('critical_overhead_fraction'), '.1%')} / "
                          f"{fmt(r.get('overhead_fraction'), '.1%')} | "
                          f"{fmt(r.get('routing_drift_median'), '.3f')} |")
@@ -203,17 +230,19 @@ def bench_table(results: dict, gains: dict, targets: dict) -> str:
             lines.append("FLUX did not reach the target.")
         if "flux_minus_fedavg_final_accuracy" in g:
             lines.append(f"FLUX final accuracy - fedavg: {g['flux_minus_fedavg_final_accuracy'] * 100:+.1f} points.")
+        if metric == "loss" and "flux_minus_fedavg_final_loss" in g:
+            lines.append(f"FLUX final held-out loss - fedavg: {g['flux_minus_fedavg_final_loss']:+.3f}.")
         lines.append("")
     return "\n".join(lines)
 
 
-def median_curve(runs_metrics: list[list[dict]]) -> list[tuple[float, float, float, float]]:
-    """Per evaluated round over seeds: (median sim_s, median accuracy, min, max accuracy)."""
+def median_curve(runs_metrics: list[list[dict]], metric: str = "accuracy") -> list[tuple[float, float, float, float]]:
+    """Per evaluated round over seeds: (median sim_s, median, min, max of ``metric``)."""
     by_round: dict[int, list[tuple[float, float]]] = {}
     for rows in runs_metrics:
         for r in rows:
-            if r.get("accuracy") is not None:
-                by_round.setdefault(r["round"], []).append((r["sim_s"], r["accuracy"]))
+            if r.get(metric) is not None:
+                by_round.setdefault(r["round"], []).append((r["sim_s"], r[metric]))
     out = []
     for rnd in sorted(by_round):
         pts = by_round[rnd]
@@ -222,9 +251,9 @@ def median_curve(runs_metrics: list[list[dict]]) -> list[tuple[float, float, flo
     return out
 
 
-def plot_tta(curves: dict, targets: dict, path: Path) -> None:
-    """One panel per setting: accuracy over simulated time, one curve per method (median over seeds
-    per round, band = min..max over seeds)."""
+def plot_tta(curves: dict, targets: dict, path: Path, metrics: Optional[dict] = None) -> None:
+    """One panel per setting: its target metric (accuracy, or held-out loss) over simulated time,
+    one curve per method (median over seeds per round, band = min..max over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,8 +262,9 @@ def plot_tta(curves: dict, targets: dict, path: Path) -> None:
     n = len(curves)
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
     for ax, (setting, by_method) in zip(axes[0], curves.items()):
+        metric = (metrics or {}).get(setting, "accuracy")
         for m, runs_metrics in by_method.items():
-            pts = median_curve(runs_metrics)
+            pts = median_curve(runs_metrics, metric)
             if pts:
                 xs = [p[0] for p in pts]
                 line, = ax.plot(xs, [p[1] for p in pts], marker=".", label=m)
@@ -242,23 +272,23 @@ def plot_tta(curves: dict, targets: dict, path: Path) -> None:
         ax.axhline(targets[setting], color="grey", linestyle="--", label="target")
         ax.set_title(setting)
         ax.set_xlabel("simulated time (s)")
-        ax.set_ylabel("test accuracy (median over seeds)")
+        ax.set_ylabel(("test accuracy" if metric == "accuracy" else f"held-out {metric}") + " (median over seeds)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def target_from_fedavg(fedavg_runs: Optional[list[dict]], fraction: float) -> float:
-    """The accuracy target of a setting from fedavg's curve: the pretrained model's accuracy plus
-    ``fraction`` of fedavg's median final gain over it (a rule stated in the bench config, the
-    same for every method)."""
+def target_from_fedavg(fedavg_runs: Optional[list[dict]], fraction: float, metric: str = "accuracy") -> float:
+    """A setting's target from fedavg's curve: the pretrained model's value of ``metric`` plus
+    ``fraction`` of fedavg's median final change of it (a gain in accuracy, a fall in loss; a rule
+    stated in the bench config, the same for every method)."""
     if not fedavg_runs:
         raise BenchConfigError("target_from_fedavg needs the fedavg runs of the setting (add fedavg to methods)")
-    base = _median([(r["summary"].get("base") or {}).get("accuracy") for r in fedavg_runs])
-    final = _median([r["summary"]["final_accuracy"] for r in fedavg_runs])
+    base = _median([(r["summary"].get("base") or {}).get(metric) for r in fedavg_runs])
+    final = _median([final_value(r, metric) for r in fedavg_runs])
     if base is None or final is None:
-        raise BenchConfigError("target_from_fedavg: the fedavg runs have no base/final accuracy")
+        raise BenchConfigError(f"target_from_fedavg: the fedavg runs have no base/final {metric}")
     return base + fraction * (final - base)
 
 
@@ -333,22 +363,26 @@ def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional
     for (setting, _, method, _, _), outcome in zip(tasks, outcomes):
         name = setting["name"]
         results.setdefault(name, {}).setdefault(method, []).append(outcome)
+    metrics = {setting["name"]: _metric_of(setting) for setting in bench["settings"]}
     for setting in bench["settings"]:
         rule = setting.get("target_from_fedavg")
         if rule is not None:
-            targets[setting["name"]] = target_from_fedavg(results[setting["name"]].get("fedavg"), float(rule))
+            targets[setting["name"]] = target_from_fedavg(results[setting["name"]].get("fedavg"), float(rule),
+                                                          metrics[setting["name"]])
     for name, by_method in results.items():
         curves[name] = {m: [run["metrics"] for run in runs] for m, runs in by_method.items()}
-        results[name] = {m: summarize(runs, targets[name]) for m, runs in by_method.items()}
+        results[name] = {m: summarize(runs, targets[name], metrics[name]) for m, runs in by_method.items()}
     gains = speedups(results)
-    median_curves = {name: {m: [{"sim_s": t, "accuracy": a, "min": lo, "max": hi} for t, a, lo, hi in median_curve(rm)]
+    median_curves = {name: {m: [{"sim_s": t, metrics[name]: a, "min": lo, "max": hi}
+                                for t, a, lo, hi in median_curve(rm, metrics[name])]
                             for m, rm in by_method.items()} for name, by_method in curves.items()}
     doc = {"results": results, "flux_vs_baselines": gains, "targets": targets, "methods": bench["methods"],
            "curves": median_curves,
            "seeds": bench["seeds"], "config": str(config_path), "seconds": time.perf_counter() - t0}
+    doc["target_metrics"] = metrics
     write_json_atomic(out / "results.json", doc)
     (out / "table.md").write_text(bench_table(results, gains, targets))
-    plot_tta(curves, targets, out / "tta.png")
+    plot_tta(curves, targets, out / "tta.png", metrics)
     return doc
 
 

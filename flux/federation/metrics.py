@@ -82,9 +82,17 @@ def _accuracy(record: dict) -> Optional[float]:
 def time_to_accuracy(records: Sequence[dict], target: float) -> Optional[dict]:
     """``{"wall_s", "sim_s", "round"}`` of the first record with accuracy >= ``target``; None if
     no round reached it."""
+    return time_to_target(records, target, key="accuracy", higher_is_better=True)
+
+
+def time_to_target(records: Sequence[dict], target: float, *, key: str, higher_is_better: bool) -> Optional[dict]:
+    """``{"wall_s", "sim_s", "round"}`` of the first record whose ``key`` reaches ``target``
+    (>= when higher is better, e.g. accuracy; <= otherwise, e.g. held-out loss); None if none."""
     for r in records:
-        acc = _accuracy(r)
-        if acc is not None and acc >= target:
+        value = r.get(key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        if (value >= target) if higher_is_better else (value <= target):
             return {"wall_s": r.get("wall_s"), "sim_s": r.get("sim_s"), "round": r.get("round")}
     return None
 

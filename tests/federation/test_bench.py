@@ -57,6 +57,32 @@ def test_target_from_fedavg_is_the_stated_share_of_its_gain():
         target_from_fedavg(None, 0.95)
 
 
+def _loss_run(losses, base=6.0):
+    """A finished run with held-out loss ``losses`` at rounds 1, 2, ... (sim = 100 s per round)."""
+    metrics = [{"round": i + 1, "accuracy": 0.4, "loss": v, "sim_s": 100.0 * (i + 1), "wall_s": 10.0 * (i + 1)}
+               for i, v in enumerate(losses)]
+    run = _run(None, None, 0.4)
+    run["summary"]["base"] = {"accuracy": 0.4, "loss": base}
+    run["metrics"] = metrics
+    return run
+
+
+def test_a_loss_target_is_reached_from_above_and_set_from_fedavg_s_fall():
+    fedavg = [_loss_run([5.0, 3.0, 2.0]), _loss_run([5.5, 4.0, 3.0]), _loss_run([5.0, 3.5, 2.5])]
+    target = target_from_fedavg(fedavg, 0.5, "loss")
+    assert target == pytest.approx(6.0 + 0.5 * (2.5 - 6.0))  # base + half of the median fall
+    s = summarize([_loss_run([5.0, 4.0, 3.5]), _loss_run([4.0, 3.0, 2.0]), _loss_run([6.0, 5.0, 4.5])], target, "loss")
+    assert s["metric"] == "loss" and s["reached_seeds"] == "2/3" and s["reached"]
+    assert s["tta_sim_s"] == 150.0 and s["final_loss"] == 3.5 and s["base_loss"] == 6.0  # median of 200, 100
+    with pytest.raises(BenchConfigError, match="target_metric"):
+        bad = Path(__file__).parent / "_bad_metric.toml"
+        try:
+            bad.write_text('[[settings]]\nname = "x"\ntarget_metric = "f1"\n')
+            load_bench_config(bad)
+        finally:
+            bad.unlink()
+
+
 def test_median_curve_over_seeds():
     a = [{"round": 1, "accuracy": 0.2, "sim_s": 10.0}, {"round": 2, "accuracy": None, "sim_s": 20.0},
          {"round": 3, "accuracy": 0.5, "sim_s": 30.0}]
