@@ -33,10 +33,20 @@ void quantize_rows(const at::Tensor& w, int64_t bits, int64_t group_size, at::Te
       for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<float>(in[c]);
       for (int64_t g = 0; g < n_groups; ++g) {
         const int64_t c0 = g * group_size, c1 = std::min(cols, c0 + group_size);
+        // NaN propagates into the scale like torch.amax (std::max would skip it), so a group
+        // holding NaN / Inf dequantizes to NaN instead of silently losing the value.
         float absmax = 0.f;
-        for (int64_t c = c0; c < c1; ++c) absmax = std::max(absmax, std::fabs(row[c]));
+        for (int64_t c = c0; c < c1; ++c) {
+          const float a = std::fabs(row[c]);
+          if (a > absmax || std::isnan(a)) absmax = a;
+          if (std::isnan(absmax)) break;
+        }
         const float scale = absmax / qmax;
         scale_ptr[r * n_groups + g] = scale;
+        if (!std::isfinite(scale)) {  // q = 0 (casting NaN to an integer is undefined)
+          for (int64_t c = c0; c < c1; ++c) qrow[c] = 0;
+          continue;
+        }
         const float safe = scale > 0.f ? scale : 1.f;
         for (int64_t c = c0; c < c1; ++c) {
           float q = std::nearbyint(row[c] / safe);

@@ -192,6 +192,27 @@ inline int simd_level() {
 // Top-k of one row of logits: vals/idx in descending order, ties by ascending index.
 inline void topk_row(const float* l, int64_t num_experts, int64_t k, float* vals, int32_t* idx,
                      std::vector<int32_t>& order) {
+  // NaN ranks above every number (torch.sort / torch.topk semantics), so a NaN logit is picked
+  // and its NaN weight propagates.  The fast paths below would skip it: rows holding a NaN take
+  // the sort path with an explicit NaN-first order instead.
+  bool has_nan = false;
+  for (int64_t e = 0; e < num_experts; ++e) has_nan |= std::isnan(l[e]);
+  if (has_nan) {
+    order.resize(num_experts);
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [l](int32_t a, int32_t b) {
+      const float va = l[a], vb = l[b];
+      const bool na = std::isnan(va), nb = std::isnan(vb);
+      if (na != nb) return na;
+      if (!na && va != vb) return va > vb;
+      return a < b;
+    });
+    for (int64_t j = 0; j < k; ++j) {
+      idx[j] = order[j];
+      vals[j] = l[order[j]];
+    }
+    return;
+  }
 #if FLUX_X86_SIMD
   const int level = simd_level();
   if (level == 2 && k <= 16) return topk_avx512(l, num_experts, k, vals, idx);
@@ -200,13 +221,9 @@ inline void topk_row(const float* l, int64_t num_experts, int64_t k, float* vals
   if (k <= 32) return topk_scalar(l, num_experts, k, vals, idx);
   order.resize(num_experts);
   std::iota(order.begin(), order.end(), 0);
-  // NaN ranks as -inf here so that the comparison stays a strict weak order.
-  auto key = [l](int32_t e) {
-    return std::isnan(l[e]) ? -std::numeric_limits<float>::infinity() : l[e];
-  };
-  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&key](int32_t a, int32_t b) {
-    const float ka = key(a), kb = key(b);
-    return ka > kb || (ka == kb && a < b);
+  // (NaN-free here: rows holding a NaN were handled above.)
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), [l](int32_t a, int32_t b) {
+    return l[a] > l[b] || (l[a] == l[b] && a < b);
   });
   for (int64_t j = 0; j < k; ++j) {
     idx[j] = order[j];

@@ -13,11 +13,14 @@ constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 
 // absmax that propagates NaN like torch.amax, so a NaN group gets a NaN scale as in the
-// reference (and then, like the reference, the fallback scale 1 for its q values).
+// reference (and then, like the reference, q = 0 for its values).
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
 __device__ __forceinline__ int quantize_one(float v, float scale, float qmax) {
-  // The reference divides by 1 where scale is 0 (or NaN): the group is all zeros, so q = 0.
+  // A non-finite scale (the group holds NaN / Inf) gives q = 0 (contracts.md): the group then
+  // dequantizes to NaN, and no NaN is ever converted to an integer.
+  if (!isfinite(scale)) return 0;
+  // The reference divides by 1 where scale is 0: the group is all zeros, so q = 0.
   const float safe = scale > 0.0f ? scale : 1.0f;
   const float q = rintf(__fdiv_rn(v, safe));
   return static_cast<int>(fminf(fmaxf(q, -qmax), qmax));

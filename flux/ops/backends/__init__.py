@@ -18,6 +18,8 @@ from types import ModuleType
 from typing import Iterator
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
+# The functions of flux/ops/contracts.md a backend may define.
+OPS = ("quantize", "dequantize", "route_profile", "moe_routing", "merged_moe_fwd", "merged_moe_bwd")
 # Preference order per device type when nothing is forced.
 _AUTO = {
     "cpu": ("cpp", "reference"),
@@ -89,6 +91,10 @@ def _supports(module: ModuleType, op: str, device_type: str) -> bool:
 
 def resolve(op: str, device_type: str) -> tuple[str, ModuleType]:
     """(backend name, module) that runs ``op`` for tensors on ``device_type``."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if not isinstance(device_type, str):
+        raise TypeError(f"device_type must be a str such as 'cpu' or 'cuda' (torch.device.type), got {device_type!r}")
     forced = forced_backend()
     if forced is not None:
         module = _load(forced)

@@ -21,9 +21,13 @@ def quantize(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor]:
     n_groups = math.ceil(cols / group_size) if cols else 0
     padded = n_groups * group_size
     wf = F.pad(w.float(), (0, padded - cols)).view(rows, n_groups, group_size)
-    scales = wf.abs().amax(dim=-1) / QMAX[bits]
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    scales = wf.abs().amax(dim=-1) / QMAX[bits]  # amax propagates NaN
+    # A group holding NaN / Inf has a non-finite scale: q = 0 there (casting NaN to an integer
+    # is undefined), so it dequantizes to NaN (0 * NaN, 0 * Inf).
+    finite = torch.isfinite(scales)
+    safe = torch.where((scales > 0) & finite, scales, torch.ones_like(scales))
     q = torch.round(wf / safe.unsqueeze(-1)).clamp_(-QMAX[bits], QMAX[bits])
+    q = torch.where(finite.unsqueeze(-1), q, torch.zeros_like(q))
     q = q.view(rows, padded)[:, :cols]
     if bits == 8:
         return q.to(torch.int8).contiguous(), scales
@@ -38,7 +42,8 @@ def unpack_int4(qdata: Tensor, cols: int) -> Tensor:
     """uint8 [R, ceil(cols/2)] -> int8 [R, cols] with values in [-8, 7]."""
     low = (qdata & 0x0F).to(torch.int8) - 8
     high = (qdata >> 4).to(torch.int8) - 8
-    return torch.stack((low, high), dim=-1).view(qdata.shape[0], -1)[:, :cols]
+    # explicit sizes: view(R, -1) is ambiguous when R = 0
+    return torch.stack((low, high), dim=-1).view(qdata.shape[0], 2 * qdata.shape[1])[:, :cols]
 
 
 def dequantize(
