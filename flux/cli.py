@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_arguments(sub.add_parser(
         "run", help="run a federated fine-tuning job (FLUX or a baseline) and print its result table"))
+    from flux.federation.cli import add_export_arguments
+
+    add_export_arguments(sub.add_parser(
+        "export", help="save a run's fine-tuned model (newest checkpoint) with save_pretrained: flux export RUN_DIR OUT_DIR"))
     from flux.models.cli import add_pretrain_arguments
 
     add_pretrain_arguments(sub.add_parser(

@@ -130,13 +130,14 @@ def _width(attention_mask: Tensor) -> int:
 def _row(tokenizer, prompt_ids: list[int], answer_ids: list[int], seq_len: int, *, eos: bool) -> tuple[list[int], int]:
     """``<bos> prompt answer [<eos>]`` cut from the left of the prompt to fit; returns the ids and
     where the answer starts."""
-    tail = answer_ids + ([tokenizer.eos_id] if eos else [])
-    room = seq_len - 1 - len(tail)
+    tail = answer_ids + ([tokenizer.eos_id] if eos and tokenizer.eos_id is not None else [])
+    head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # a user's tokenizer may have no <bos>
+    room = seq_len - len(head) - len(tail)
     if room < 1:
         raise ValueError(f"an answer of {len(answer_ids)} tokens does not fit seq_len={seq_len}")
     prompt = prompt_ids[-room:]
-    ids = [tokenizer.bos_id, *prompt, *tail]
-    return ids, 1 + len(prompt)
+    ids = [*head, *prompt, *tail]
+    return ids, len(head) + len(prompt)
 
 
 def _pack(rows: list[list[int]], starts: list[int], ends: list[int], seq_len: int, pad_id: int):
@@ -195,3 +196,62 @@ def encode_choices(tokenizer, examples: Sequence, *, seq_len: int) -> EncodedCho
         choice_chars=torch.tensor([len(text) for _, _, text in flat], dtype=torch.long),
         tasks=[e.task for e in examples],
     )
+
+
+def encode_pairs(tokenizer, pairs: Sequence, *, seq_len: int, chat_template: bool = False,
+                 min_prompt_tokens: int = 16) -> EncodedInstructions:
+    """Training (and held-out) rows for a user's prompt -> response pairs
+    (``flux.data.tables.Pair``: prompt, response, domain); ``loss_mask`` marks the response.
+
+    * ``chat_template`` (the tokenizer must have one, ``tokenizer.has_chat_template``): the prompt
+      is the template applied to one user message with the generation prompt; the response is
+      what the template adds for the assistant's answer (the response and the template's closing
+      tokens); no ``<bos>`` is added (the template writes what the model expects) and ``<eos>``
+      only when the template's answer does not contain it.
+    * otherwise: ``[<bos>] prompt " response" [<eos>]`` (no space added when the prompt ends or
+      the response starts with whitespace), as :func:`encode_instructions`.
+
+    Over-long rows lose prompt tokens from the left down to ``min_prompt_tokens`` (at most half
+    the row; the whole prompt if shorter), then response tokens from the right (a warning counts
+    those rows).
+    ``tasks`` = each pair's domain (``"all"`` without one).
+    """
+    import warnings
+
+    if not pairs:
+        raise ValueError("encode_pairs needs at least one pair")
+    if chat_template:
+        prompt_texts, completions = [], []
+        for p in pairs:
+            user = [{"role": "user", "content": p.prompt}]
+            prompt_text = tokenizer.chat_text(user, add_generation_prompt=True)
+            full = tokenizer.chat_text(user + [{"role": "assistant", "content": p.response}], add_generation_prompt=False)
+            prompt_texts.append(prompt_text)
+            completions.append(full[len(prompt_text):] if full.startswith(prompt_text) else p.response)
+    else:
+        prompt_texts = [p.prompt for p in pairs]
+        completions = [("" if p.prompt[-1:].isspace() or p.response[:1].isspace() else " ") + p.response
+                       for p in pairs]
+    head = [] if chat_template or tokenizer.bos_id is None else [tokenizer.bos_id]
+    eos = tokenizer.eos_id
+    rows, starts, ends, cut = [], [], [], 0
+    for prompt, answer in zip(_ids(tokenizer, prompt_texts), _ids(tokenizer, completions)):
+        tail = list(answer)
+        if eos is not None and not (chat_template and eos in tail):
+            tail.append(eos)
+        room = seq_len - len(head) - min(len(prompt), min_prompt_tokens, (seq_len - len(head)) // 2)
+        if room < 1:
+            raise ValueError(f"seq_len={seq_len} leaves no room for a response")
+        if len(tail) > room:
+            tail, cut = tail[:room], cut + 1
+        keep = seq_len - len(head) - len(tail)
+        prompt = prompt[len(prompt) - keep:] if len(prompt) > keep else prompt
+        ids = [*head, *prompt, *tail]
+        rows.append(ids)
+        starts.append(len(head) + len(prompt))
+        ends.append(len(ids))
+    if cut:
+        warnings.warn(f"encode_pairs: {cut} of {len(pairs)} responses were cut to fit seq_len={seq_len} "
+                      "(raise dataset.seq_len)", RuntimeWarning, stacklevel=2)
+    input_ids, attention, loss_mask = _pack(rows, starts, ends, seq_len, tokenizer.pad_id)
+    return EncodedInstructions(input_ids, attention, loss_mask, [p.domain or "all" for p in pairs])

@@ -1,4 +1,5 @@
-"""``flux run``: one command for a federated job (config file, overrides, processes, resume)."""
+"""``flux run``: one command for a federated job (config file, overrides, processes, resume);
+``flux export RUN_DIR OUT_DIR``: the run's fine-tuned model in its transformers format."""
 from __future__ import annotations
 
 import argparse
@@ -59,4 +60,32 @@ def run_command(args: argparse.Namespace) -> int:
                    if tta else f"did not reach {summary['target']:.2f}")
         print(f"{summary['method']}: final accuracy {summary['final_accuracy']:.4f}; {reached}; "
               f"results in {out}/ (metrics.jsonl, summary.json, accuracy.png)")
+    return 0
+
+
+# ---------------------------------------------------------------------------- flux export
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a flux run directory (config.toml + checkpoints/)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the model (replaced if it exists)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.set_defaults(func=export_command)
+    return parser
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """Rebuild RUN_DIR's model, load its newest checkpoint and save it with save_pretrained to
+    OUT_DIR (plus head.safetensors/head.json for a classification task and the tokenizer)."""
+    from flux.federation.config import ConfigError
+    from flux.models.export import export_run
+
+    try:
+        out, rounds = export_run(args.run_dir, args.out_dir, progress=not args.quiet)
+    except ConfigError as exc:
+        print(f"flux export: bad config in {args.run_dir}/config.toml: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except (FileNotFoundError, LookupError) as exc:
+        print(f"flux export: {exc}", file=sys.stderr)
+        return 1
+    print(f"flux export: the model after round {rounds} of {args.run_dir} is in {out}/ "
+          "(AutoModelForCausalLM.from_pretrained loads it)")
     return 0

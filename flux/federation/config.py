@@ -30,6 +30,9 @@ LR_SCHEDULES = ("constant", "cosine")  # flux.federation.local.round_lr
 CORPUS_SOURCES = ("pydoc", "chatterbot", "bigbench")  # flux.data.corpus.SOURCES
 PROFILE_BITS = (4, 8)
 MIN_VOCAB = 259  # flux.data.tokenizer: 256 byte tokens + 3 specials
+TASKS = ("auto", "classification", "generative")  # dataset.task of a user's dataset.path
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")  # flux.models.hf.DTYPES
+MODEL_SAVE = ("auto", "always", "never")  # RUN_DIR/model at the end of a run (flux.models.export)
 
 
 # ---------------------------------------------------------------------------- the schema
@@ -48,6 +51,19 @@ class DatasetConfig:
     max_per_task: int = 1000
     test_per_task: int = 150
     mc_metric: str = "acc_norm"  # flux.models.causal.MC_METRICS: which ranking is "accuracy"
+    # a user's own data (flux.data.tables): a datasets save_to_disk directory, .arrow, .parquet,
+    # .jsonl/.json or .csv/.tsv; when set, ``name`` is not used
+    path: str = ""
+    task: str = "auto"  # auto: generative if the prompt and response columns exist, else classification
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    domain_column: str = ""  # "" = none; partition = "domain" (and generative "dirichlet") need one
+    chat_template: bool = True  # generative: wrap prompt/response in the tokenizer's chat template, if it has one
+    split: str = "train"  # the split of a DatasetDict directory
+    test_split: str = ""  # a split of the same DatasetDict held out instead of test_fraction ("" = none)
+    test_path: str = ""  # a separate held-out file/directory instead of test_fraction ("" = none)
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,12 @@ class ModelConfig:
     pretrain_batch_size: int = 16
     pretrain_lr: float = 3e-3
     pretrain_seed: int = 0  # one pretrained checkpoint for every run seed, as with a real model
+    # a user's own transformers MoE checkpoint (save_pretrained directory); when set, preset,
+    # overrides and pretraining are not used (flux.models.hf)
+    path: str = ""
+    dtype: str = "float32"  # what the checkpoint is loaded (and trained) in
+    trust_remote_code: bool = False  # needed by remote-code families (e.g. ModuleList experts)
+    save: str = "auto"  # RUN_DIR/model at the end: auto = when model.path is set, always, never
 
 
 @dataclass(frozen=True)
@@ -318,6 +340,22 @@ def validate(cfg: RunConfig) -> None:
            f"must be >= {MIN_VOCAB} (256 byte tokens + 3 specials), got {d.vocab_size}")
 
     _one_of(d.mc_metric, ("acc_norm", "acc"), "dataset.mc_metric")
+    _one_of(d.task, TASKS, "dataset.task")
+    if d.path:
+        _check(bool(d.path.strip()), "dataset.path", "must not be blank")
+        for name in ("text_column", "label_column", "prompt_column", "response_column"):
+            _check(bool(getattr(d, name).strip()), f"dataset.{name}", "must not be empty")
+        if d.partition == "domain":
+            _check(bool(d.domain_column), "dataset.partition",
+                   "'domain' needs dataset.domain_column (the column naming each example's domain)")
+        if d.task == "generative" and d.partition == "dirichlet":
+            _check(bool(d.domain_column), "dataset.partition",
+                   "'dirichlet' on a generative dataset needs dataset.domain_column (there are no labels); "
+                   "use dataset.partition = \"iid\" or name a domain column")
+    else:
+        for name in ("task", "split", "test_split", "test_path", "domain_column"):
+            default = getattr(DatasetConfig, name)
+            _check(getattr(d, name) == default, f"dataset.{name}", "only applies to a user's dataset.path")
     _check(d.max_per_task >= 1, "dataset.max_per_task", f"must be >= 1, got {d.max_per_task}")
     _check(1 <= d.test_per_task < d.max_per_task, "dataset.test_per_task",
            f"must be in [1, dataset.max_per_task={d.max_per_task}), got {d.test_per_task}")
@@ -332,6 +370,14 @@ def validate(cfg: RunConfig) -> None:
     _check(m.pretrain_seq_len >= 2, "model.pretrain_seq_len", f"must be >= 2, got {m.pretrain_seq_len}")
     _check(m.pretrain_batch_size >= 1, "model.pretrain_batch_size", f"must be >= 1, got {m.pretrain_batch_size}")
     _check(math.isfinite(m.pretrain_lr) and m.pretrain_lr > 0, "model.pretrain_lr", f"must be > 0, got {m.pretrain_lr}")
+    _one_of(m.dtype, MODEL_DTYPES, "model.dtype")
+    _one_of(m.save, MODEL_SAVE, "model.save")
+    if m.path:
+        _check(bool(m.path.strip()), "model.path", "must not be blank")
+    else:
+        _check(m.dtype == "float32", "model.dtype", "only applies to a checkpoint loaded from model.path "
+               "(presets are built in float32)")
+        _check(not m.trust_remote_code, "model.trust_remote_code", "only applies to model.path")
 
     _validate_devices(cfg.devices)
 

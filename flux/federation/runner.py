@@ -504,6 +504,7 @@ class Run:
         """The run's summary (lead rank; None elsewhere)."""
         if not self.lead:
             return None
+        self.work.save_model(self.out / "model")  # model.save: the fine-tuned model in its transformers format
         facts = {
             "model_sha256": model_sha256(self.work.model),
             "world_size": self.world,

@@ -13,6 +13,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _answer_targets(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor):
+    """The logits (float32 ``[N_targets, V]``) at the positions that predict a masked token, those
+    tokens (int64 ``[N_targets]``), the row of each, and the masked tokens per row (int64 ``[B]``)."""
+    hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    target_mask = loss_mask[:, 1:].bool()  # [B, S-1]: position t-1 predicts token t
+    rows = target_mask.nonzero(as_tuple=True)[0]
+    logits = lm.lm_head(hidden[:, :-1][target_mask]).float()  # [N_targets, V]
+    return logits, input_ids[:, 1:][target_mask], rows, target_mask.sum(dim=1)
+
+
 def answer_logprobs(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Per row, the summed log-probability of the masked tokens and their number.
 
@@ -26,14 +36,27 @@ def answer_logprobs(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, lo
     Returns:
         ``(logprob float32 [B], tokens int64 [B])``.
     """
-    hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    target_mask = loss_mask[:, 1:].bool()  # [B, S-1]: position t-1 predicts token t
-    rows = target_mask.nonzero(as_tuple=True)[0]
-    logits = lm.lm_head(hidden[:, :-1][target_mask]).float()  # [N_targets, V]
-    token_logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:][target_mask].unsqueeze(-1)).squeeze(-1)
+    logits, targets, rows, tokens = _answer_targets(lm, input_ids, attention_mask, loss_mask)
+    token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     logprob = torch.zeros(input_ids.shape[0], dtype=token_logp.dtype, device=token_logp.device)
     logprob = logprob.index_add(0, rows, token_logp)
-    return logprob, target_mask.sum(dim=1)
+    return logprob, tokens
+
+
+def answer_token_stats(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                       loss_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row: the summed log-probability of the masked tokens, their number, and how many of
+    them are the model's most likely next token (teacher forcing: the true prefix is given).
+
+    Returns ``(logprob float32 [B], tokens int64 [B], correct int64 [B])``.
+    """
+    logits, targets, rows, tokens = _answer_targets(lm, input_ids, attention_mask, loss_mask)
+    token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    b = input_ids.shape[0]
+    logprob = torch.zeros(b, dtype=token_logp.dtype, device=token_logp.device).index_add(0, rows, token_logp)
+    hits = (logits.argmax(dim=-1) == targets).long()
+    correct = torch.zeros(b, dtype=torch.long, device=hits.device).index_add(0, rows, hits)
+    return logprob, tokens, correct
 
 
 MC_METRICS = ("acc_norm", "acc")  # which ranking gives "accuracy" (both are always reported)
@@ -79,8 +102,11 @@ class MoECausalLM(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, data, batch_size: int = 64) -> dict[str, float]:
-        """Multiple-choice accuracy and held-out answer loss over ``data``
-        (``flux.data.instructions.EncodedChoices``).
+        """Held-out metrics over ``data``: multiple-choice scoring for
+        ``flux.data.instructions.EncodedChoices`` (below), response-token metrics for
+        ``EncodedInstructions`` (a user's prompt -> response pairs, :func:`response_metrics`).
+
+        Multiple choice (``EncodedChoices``):
 
         ``accuracy_acc``: share of examples whose correct choice has the highest summed
         log-likelihood (ties go to the lower index; the harness's ``acc``); ``accuracy_norm``: the
@@ -88,8 +114,12 @@ class MoECausalLM(nn.Module):
         of the two named by ``mc_metric``; ``loss``: mean per-token negative log-likelihood of the
         correct choice.
         """
+        from flux.data.instructions import EncodedInstructions
+
         if len(data) == 0:
             raise ValueError("evaluate needs a non-empty dataset")
+        if isinstance(data, EncodedInstructions):
+            return response_metrics(self, data, batch_size)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -138,3 +168,34 @@ def choice_metrics(scores: Tensor, tokens: Tensor, data) -> dict[str, float]:
     return {"accuracy": float((pick == data.answers).double().mean()),
             "accuracy_norm": float((pick_norm == data.answers).double().mean()),
             "loss": float(nll.mean())}
+
+
+@torch.no_grad()
+def response_metrics(model: MoECausalLM, data, batch_size: int = 64) -> dict[str, float]:
+    """Held-out metrics of a generative task (``EncodedInstructions``: prompt -> response rows).
+
+    ``loss``: the training loss on held-out rows (per row, the mean negative log-likelihood of its
+    response tokens, then the mean over rows); ``accuracy`` (= ``token_accuracy``): the share of
+    all response tokens that are the model's most likely next token given the true prefix
+    (teacher-forced next-token accuracy); ``exact_match``: the share of rows whose every response
+    token is (a teacher-forced greedy decode would reproduce the response exactly);
+    ``response_tokens``: how many tokens were scored.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nll, tokens_total, correct_total, exact, rows = 0.0, 0, 0, 0, 0
+    try:
+        for batch in data.batches(batch_size, shuffle=False):
+            lp, nt, nc = answer_token_stats(model.lm, batch["input_ids"].to(device),
+                                            batch["attention_mask"].to(device), batch["loss_mask"].to(device))
+            nll += float((-lp.double() / nt.clamp_min(1).double()).sum())
+            tokens_total += int(nt.sum())
+            correct_total += int(nc.sum())
+            exact += int(((nc == nt) & (nt > 0)).sum())
+            rows += lp.shape[0]
+    finally:
+        model.train(was_training)
+    accuracy = correct_total / tokens_total if tokens_total else 0.0
+    return {"accuracy": accuracy, "loss": nll / max(1, rows), "token_accuracy": accuracy,
+            "exact_match": exact / max(1, rows), "response_tokens": tokens_total}
