@@ -13,7 +13,8 @@ Modules: interface.py (transformers ExpertsInterface backend), modulelist.py + a
 (ModuleList blocks, adapter registry), handle.py (handles), merged_view.py (merged-expert
 view), compute.py (the op call, biases), glu.py (activation probing), memory.py (accounting).
 """
-from flux.moe.adapters import ModuleListAdapter, Routing, register_adapter, registered_adapters, unregister_adapter
+from flux.moe.adapters import (GateOutputError, ModuleListAdapter, Routing, register_adapter, registered_adapters,
+                               unregister_adapter)
 from flux.moe.memory_budget import MemoryBudget, budgets_from_memory, fit_check, full_training_bytes, weights_bytes
 from flux.moe.handle import MoELayerHandle, PatchHandle
 from flux.moe.memory import LayerLayout, MemoryReport, estimate_memory, measure_memory
@@ -22,6 +23,7 @@ from flux.moe.patch import get_handle, patch, unpatch
 
 __all__ = [
     "ExpertWeights",
+    "GateOutputError",
     "LayerLayout",
     "LayoutError",
     "LayoutIndexError",

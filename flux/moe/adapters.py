@@ -4,8 +4,10 @@ experts modules (remote code whose experts are an ``nn.ModuleList`` of MLPs).
 An adapter describes one block layout.  The built-in :class:`ModuleListAdapter` covers the
 DeepSeek-MoE v1 / LLaMA-MoE style::
 
-    block.experts        nn.ModuleList of MLPs with gate_proj / up_proj / down_proj (nn.Linear)
-                         and act_fn (SiLU or exact GELU), y_e = down(act(gate(x)) * up(x))
+    block.experts        nn.ModuleList of MLPs with gate_proj / up_proj / down_proj (nn.Linear),
+                         y_e = down(act(gate(x)) * up(x)) with act = SiLU or exact GELU: the
+                         expert's act_fn / act attribute, or, when the activation is written
+                         inline in forward, found by probing the expert (flux/moe/glu.py)
     block.gate           a module returning the top-k choices: a tuple/list holding an integer
                          tensor (indices) and a float tensor of the same shape (weights), plus
                          optionally a scalar aux loss; or a dict with keys such as
@@ -32,15 +34,23 @@ Other layouts: subclass :class:`ModuleListAdapter`, override what differs, and r
 
     flux.moe.register_adapter(MixtralV4Adapter())
 
-Adapters registered later are tried first; the built-in one is tried last.  Blocks whose
-activation the op cannot run keep their original forward (counts are still recorded through a
-hook on the gate; merged views are not available).
+Adapters registered later are tried first; the built-in one is tried last.
+
+A matched block the op cannot run is a warning, never an error: it keeps its original forward
+(same outputs as unpatched; counts are still recorded through a hook on the gate; merged views
+are not available).  That covers an activation that is not SiLU / exact GELU (tanh-GELU and ReLU
+are named in the warning) or that no probe identifies, experts of different shapes, mixed
+biases, non-float or mixed-dtype weights, projections whose class overrides ``nn.Linear.forward``
+(quantized layers), and a gate whose output is not a top-k choice (:class:`GateOutputError`
+found on the first forward, which then runs the block's own code).  Errors are kept for what the
+user states explicitly: an object passed as an adapter that lacks the methods, or an
+``activation()`` override returning a name that is no known activation.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -60,17 +70,39 @@ class Routing:
     raw: Any = None
 
 
+class GateOutputError(TypeError):
+    """A block's gate returned something that is not a top-k choice (:func:`parse_gate_output`).
+
+    ``output`` is what the gate returned; :mod:`flux.moe.modulelist` catches this on a patched
+    block's forward and runs the block's own code instead (a warning, not a crash)."""
+
+    def __init__(self, message: str, output: Any = None) -> None:
+        super().__init__(message)
+        self.output = output
+
+
+def _is_index(t: Tensor) -> bool:
+    # a bool dispatch mask (e.g. Hunyuan's [T, E, C]) is not a list of expert ids
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
 def parse_gate_output(out: Any, where: str = "gate") -> Routing:
-    """Find (indices, weights, aux loss) in whatever a top-k gate returned."""
+    """Find (indices, weights, aux loss) in whatever a top-k gate returned.
+
+    Raises:
+        GateOutputError (a TypeError) when ``out`` holds no integer ids [..., k] with float
+        weights of the same shape.
+    """
     if isinstance(out, dict):
-        ids = next((out[k] for k in _IDS_KEYS if isinstance(out.get(k), Tensor)), None)
-        w = next((out[k] for k in _WEIGHT_KEYS if isinstance(out.get(k), Tensor)), None)
-        aux = next((out[k] for k in _AUX_KEYS if isinstance(out.get(k), Tensor)), None)
-        if ids is not None and w is not None:
+        tensors = {k: v for k, v in out.items() if isinstance(v, Tensor)}
+        ids = next((tensors[k] for k in _IDS_KEYS if k in tensors and _is_index(tensors[k])), None)
+        w = next((tensors[k] for k in _WEIGHT_KEYS if k in tensors and tensors[k].is_floating_point()), None)
+        aux = next((tensors[k] for k in _AUX_KEYS if k in tensors), None)
+        if ids is not None and w is not None and ids.shape == w.shape:
             return Routing(ids, w, aux, out)
     elif isinstance(out, (tuple, list)):
         tensors = [t for t in out if isinstance(t, Tensor)]
-        ids = next((t for t in tensors if not t.is_floating_point() and t.dim() >= 1), None)
+        ids = next((t for t in tensors if _is_index(t) and t.dim() >= 1), None)
         w = None
         if ids is not None:
             w = next((t for t in tensors if t.is_floating_point() and t.shape == ids.shape), None)
@@ -80,10 +112,11 @@ def parse_gate_output(out: Any, where: str = "gate") -> Routing:
     desc = type(out).__name__
     if isinstance(out, (tuple, list)):
         desc += "(" + ", ".join(f"{type(t).__name__}{tuple(t.shape) if isinstance(t, Tensor) else ''}" for t in out) + ")"
-    raise TypeError(
+    raise GateOutputError(
         f"{where} returned {desc}; expected top-k indices and weights (a tuple with an integer tensor and a "
         "float tensor of the same shape, or a dict with topk_idx/topk_weight). Register an adapter "
-        "(flux.moe.register_adapter) that implements route() for this block."
+        "(flux.moe.register_adapter) that implements route() for this block.",
+        out,
     )
 
 
@@ -126,13 +159,16 @@ class ModuleListAdapter:
         """(gate_proj, up_proj, down_proj) of one expert."""
         return tuple(getattr(expert, n) for n in self.projection_names)  # type: ignore[return-value]
 
-    def activation(self, block: nn.Module, expert: nn.Module) -> Callable[[Tensor], Tensor]:
-        act = getattr(expert, "act_fn", None)
-        if act is None:
-            act = getattr(expert, "act", None)
-        if act is None:
-            raise AttributeError(f"{type(expert).__name__} has no act_fn; override ModuleListAdapter.activation")
-        return act
+    def activation(self, block: nn.Module, expert: nn.Module) -> Union[Callable[[Tensor], Tensor], str, None]:
+        """The expert's activation: a callable (probed elementwise), a name (``"silu"``,
+        ``"gelu"``, ``"gelu_tanh"``, ``"relu"``; taken as stated), or None when the activation is
+        written inline in ``forward``: the whole expert is then probed against
+        ``down(act(gate(x)) * up(x))`` (flux/moe/glu.py, :func:`probe_expert`)."""
+        for attr in ("act_fn", "act"):
+            act = getattr(expert, attr, None)
+            if callable(act):
+                return act
+        return None
 
     def gate(self, block: nn.Module) -> nn.Module:
         return getattr(block, self.gate_attr)
@@ -176,6 +212,17 @@ class ModuleListAdapter:
 
 _REGISTRY: list[ModuleListAdapter] = []
 _BUILTIN = ModuleListAdapter()
+_ADAPTER_METHODS = ("match", "experts", "projections", "activation", "gate", "top_k", "route", "combine")
+
+
+def check_adapter(adapter: Any) -> None:
+    """TypeError unless ``adapter`` has every method :func:`flux.patch` calls (an explicit
+    argument, so a wrong one is the caller's mistake, not a layer to skip)."""
+    for method in _ADAPTER_METHODS:
+        if not callable(getattr(adapter, method, None)):
+            raise TypeError(f"adapter {adapter!r} lacks {method}(); subclass flux.moe.ModuleListAdapter")
+    if not isinstance(getattr(adapter, "name", None), str):
+        raise TypeError(f"adapter {adapter!r} has no name (a str attribute); subclass flux.moe.ModuleListAdapter")
 
 
 def register_adapter(adapter, *, first: bool = True):
@@ -188,9 +235,7 @@ def register_adapter(adapter, *, first: bool = True):
         instance = adapter()
     else:
         instance = adapter
-    for method in ("match", "experts", "projections", "activation", "top_k", "route", "combine"):
-        if not callable(getattr(instance, method, None)):
-            raise TypeError(f"adapter {instance!r} lacks {method}(); subclass flux.moe.ModuleListAdapter")
+    check_adapter(instance)
     unregister_adapter(instance.name)
     if first:
         _REGISTRY.insert(0, instance)

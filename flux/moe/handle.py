@@ -71,6 +71,11 @@ class ExpertSource:
     def fallback(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no fallback path")
 
+    def expert_layout(self, index: int) -> tuple[int, int, bool]:
+        """(hidden, intermediate, has_bias) of expert ``index`` (the layer's, unless a fallback
+        layer's experts differ)."""
+        return self.hidden_size, self.intermediate_size, self.has_bias
+
     supports_view = False  # merged views on a layer that is not native (see interface.py)
 
     def fallback_view(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, view) -> Tensor:
@@ -207,9 +212,10 @@ class MoELayerHandle:
         counts = self.counts
         if flat.device != counts.device:
             flat = flat.to(counts.device)
-        # ids >= E (expert-parallel sentinels) are not counted; masking, not filtering: no host sync
-        valid = flat < counts.shape[0]
-        counts.scatter_add_(0, flat.clamp(max=counts.shape[0] - 1), valid.to(torch.int64))
+        # ids outside [0, E) (expert-parallel sentinels, -1 for a dropped token) are not counted;
+        # masking, not filtering: no host sync
+        valid = (flat >= 0) & (flat < counts.shape[0])
+        counts.scatter_add_(0, flat.clamp(0, counts.shape[0] - 1), valid.to(torch.int64))
 
     def _identity_groups(self, device: torch.device) -> Tensor:
         ident = self._identity
@@ -276,7 +282,7 @@ class MoELayerHandle:
         """Overwrite original expert ``index`` in place (the model's Parameters keep their identity).
         Under a view, a tuning expert's trainable group is updated too."""
         index = self._check_expert(index)
-        self._check_expert_shapes(weights, f"weights of expert {index}")
+        self._check_expert_shapes(weights, f"weights of expert {index}", *self.source.expert_layout(index))
         view = self.view
         if view is not None:
             group = view.expert_to_group[index]
@@ -291,13 +297,16 @@ class MoELayerHandle:
         if not self.source.released:
             self.source.write_expert(index, weights)
 
-    def _check_expert_shapes(self, w: ExpertWeights, what: str) -> None:
-        h, i = self.hidden_size, self.intermediate_size
+    def _check_expert_shapes(self, w: ExpertWeights, what: str, h: Optional[int] = None, i: Optional[int] = None,
+                             has_bias: Optional[bool] = None) -> None:
+        h = self.hidden_size if h is None else h
+        i = self.intermediate_size if i is None else i
+        has_bias = self.source.has_bias if has_bias is None else has_bias
         if tuple(w.gate_up.shape) != (2 * i, h):
             raise LayoutError(f"{self.name}: {what}: gate_up has shape {tuple(w.gate_up.shape)}, expected {(2 * i, h)}")
         if tuple(w.down.shape) != (h, i):
             raise LayoutError(f"{self.name}: {what}: down has shape {tuple(w.down.shape)}, expected {(h, i)}")
-        if self.source.has_bias and (w.gate_up_bias is None or w.down_bias is None):
+        if has_bias and (w.gate_up_bias is None or w.down_bias is None):
             raise LayoutError(f"{self.name}: {what}: the experts have biases; gate_up_bias and down_bias are required")
 
     # ------------------------------------------------------------------ merged view

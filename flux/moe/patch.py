@@ -10,6 +10,11 @@ an already taken one:
 2. else the first registered adapter that matches (flux/moe/adapters.py), e.g. the built-in
    ModuleList adapter for DeepSeek-MoE v1 / LLaMA-MoE style blocks.
 
+A found layer the op cannot run is a warning and a fallback to the model's own code, never an
+error (the model computes what it computed before; counts are kept where the router's output
+can be read).  Errors are for the caller's own mistakes: patching twice, a model without any MoE
+layer, an ``adapters`` entry that is not an adapter.
+
 Nothing in the state_dict changes, so optimizers built before patching keep their Parameters
 and ``save_pretrained`` writes the original checkpoint format.
 """
@@ -20,7 +25,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from flux.moe.adapters import ModuleListAdapter, registered_adapters
+from flux.moe.adapters import ModuleListAdapter, check_adapter, registered_adapters
 from flux.moe.handle import MoELayerHandle, PatchHandle
 
 HANDLE_ATTR = "_flux_patch_handle"
@@ -102,13 +107,24 @@ def patch(model: nn.Module, *, adapters: Optional[Sequence[ModuleListAdapter]] =
     Returns:
         A :class:`PatchHandle`; ``handle.moe_layers`` lists the layers in depth order.
 
+    Layers that cannot run through the op (activation other than SiLU / exact GELU, experts of
+    different shapes, quantized projections, a gate whose output is not a top-k choice, ...) keep
+    the model's own code with a RuntimeWarning; ``layer.native`` is False and
+    ``layer.fallback_reason`` says why.
+
     Raises:
-        RuntimeError if the model is already patched; ValueError if no MoE layer is found.
+        RuntimeError if the model is already patched; ValueError if no MoE layer is found;
+        TypeError if an entry of ``adapters`` lacks an adapter method.
     """
     existing = model.__dict__.get(HANDLE_ATTR)
     if existing is not None and not existing.restored:
         raise RuntimeError("model is already patched by flux; call handle.restore() / flux.unpatch(model) first")
-    adapters = list(adapters) if adapters is not None else registered_adapters()
+    if adapters is not None:
+        adapters = list(adapters)
+        for adapter in adapters:  # explicit: a wrong one is the caller's mistake, said up front
+            check_adapter(adapter)
+    else:
+        adapters = registered_adapters()
     modules = dict(model.named_modules(remove_duplicate=True))
 
     from flux.moe.interface import is_experts_module
