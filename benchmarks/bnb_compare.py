@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
+from benchmarks.timing import cpu_model
 from flux import quant_bnb
 from flux.methods import fmq
 from flux.ops import quantize
@@ -417,18 +418,6 @@ def optimizer_case(name: str, hidden: int, inter: int, *, steps: int, batch: int
 # ----------------------------------------------------------------------------- report
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
-
-
 def _git(*argv: str) -> Optional[str]:
     import subprocess
 
@@ -456,7 +445,7 @@ def environment() -> dict:
     return {
         "machine": {
             "device": "cpu",
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu_cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),

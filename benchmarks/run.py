@@ -37,7 +37,7 @@ from benchmarks.shapes import (
     build_moe_case,
     build_route_case,
 )
-from benchmarks.timing import measure_copy, measure_interleaved, measure_matmul
+from benchmarks.timing import cpu_model, measure_copy, measure_interleaved, measure_matmul
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 README_BEGIN = "<!-- kernels-cpu-table:begin -->"
@@ -110,16 +110,6 @@ def plan(args: argparse.Namespace) -> list[Group]:
 # ----------------------------------------------------------------------------- environment
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _mem_total_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -132,7 +122,7 @@ def _mem_total_gib() -> float | None:
 
 def machine_info(device: str) -> dict:
     info = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

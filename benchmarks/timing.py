@@ -8,13 +8,26 @@ from __future__ import annotations
 
 import gc
 import math
+import platform
 import statistics
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # no procfs (macOS, some containers): fall back below
+        pass
+    return platform.processor() or "unknown"
 
 
 def sync(device: torch.device | str) -> None:

@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from flux.data.tokenizer import pad_rows
+
 # files save_pretrained writes for a tokenizer (any one of them means the checkpoint brought one)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
@@ -110,13 +112,7 @@ class HFTokenizer:
                     raise ValueError(f"text {i} has {len(ids) + len(head) + len(tail)} tokens > max_length={max_length}")
                 ids = ids[:budget]
             rows.append(head + list(ids) + tail)
-        length = max_length if padding == "max_length" else max((len(r) for r in rows), default=0)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, :len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return pad_rows(rows, self.pad_id, max_length if padding == "max_length" else None)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):

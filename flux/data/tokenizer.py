@@ -54,6 +54,18 @@ def train_bpe(texts: Sequence[str], vocab_size: int = 8192, min_frequency: int =
     return tok
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` (int64 [N, length]) of token rows;
+    ``length`` None = the longest row (every row must fit ``length``)."""
+    length = max((len(r) for r in rows), default=0) if length is None else length
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 class FluxTokenizer:
     """A trained ``tokenizers.Tokenizer`` with batch encoding to padded torch tensors.
 
@@ -127,13 +139,7 @@ class FluxTokenizer:
                     raise ValueError(f"text {i} has {len(ids) + n_special} tokens > max_length={max_length} (truncation=False)")
                 ids = ids[:budget]
             rows.append([self.bos_id, *ids, self.eos_id] if add_special_tokens else list(ids))
-        length = max_length if padding == "max_length" else max((len(r) for r in rows), default=0)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, : len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return pad_rows(rows, self.pad_id, max_length if padding == "max_length" else None)
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Text of one id sequence (padding and, by default, ``<bos>``/``<eos>`` dropped)."""
