@@ -29,6 +29,7 @@ ASSIGNMENTS = ("round_robin",)
 LR_SCHEDULES = ("constant", "cosine")  # flux.federation.local.round_lr
 CORPUS_SOURCES = ("pydoc", "chatterbot", "bigbench")  # flux.data.corpus.SOURCES
 PROFILE_BITS = (4, 8)
+DOWNLOAD_BITS = (0, 4, 8)  # 0 = full precision
 MIN_VOCAB = 259  # flux.data.tokenizer: 256 byte tokens + 3 specials
 TASKS = ("auto", "classification", "generative")  # dataset.task of a user's dataset.path
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")  # flux.models.hf.DTYPES
@@ -147,6 +148,10 @@ class RunConfig:
     eval_every: int = 2
     non_expert: str = "head"
     threads: int = 0
+    # Experts a participant only reads in a round (FLUX: merges and profiles them; FMES: profiles
+    # them) are fetched as int-N copies, the precision profiling reads anyway (docs/federation.md
+    # "Downloads"); 0 = every tensor in full precision.  Methods that train every expert ignore it.
+    download_bits: int = 4
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
@@ -383,6 +388,7 @@ def validate(cfg: RunConfig) -> None:
 
     f = cfg.flux
     _one_of(f.profile_bits, PROFILE_BITS, "flux.profile_bits")
+    _one_of(cfg.download_bits, DOWNLOAD_BITS, "download_bits")
     _check(f.profile_samples >= 0, "flux.profile_samples",
            f"must be >= 0 (0 = all local samples), got {f.profile_samples}")
     _one_of(f.merge_mode, MERGE_MODES, "flux.merge_mode")

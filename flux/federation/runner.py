@@ -107,6 +107,8 @@ class RunState:
     # global tensors each round changed (a participant fetches only what changed since its sync)
     last_sync: dict = dataclasses.field(default_factory=dict)
     changed: dict = dataclasses.field(default_factory=dict)
+    # download_bits > 0: per participant, each tensor's copy (flux/federation/downloads.py)
+    holdings: dict = dataclasses.field(default_factory=dict)
 
 
 def configure_threads(cfg: RunConfig) -> None:
@@ -149,6 +151,8 @@ class Run:
         except ValueError as exc:  # a budget the devices cannot meet: a config problem
             raise ConfigError("devices", f"{cfg.method} cannot run on these devices: {exc}") from exc
         self.sizes = self._tensor_sizes()
+        self.quantized_sizes = self._quantized_expert_sizes(cfg.download_bits)
+        self.trained: dict[int, Optional[set]] = {}  # this round's trained experts per participant
         self.probe_profile = None  # routing of the global model on the probe data, last evaluation
         self.state = RunState()
         self.profiler = None
@@ -170,7 +174,7 @@ class Run:
         self.method.load_state_dict(state["method"])
         self.state = RunState(next_round=state["next_round"], wall_s=state["wall_s"], sim_s=state["sim_s"],
                               profiles=state.get("profiles", {}), last_sync=state["last_sync"],
-                              changed=state["changed"])
+                              changed=state["changed"], holdings=state.get("holdings", {}))
         if "rng" in state:
             set_rng_state(state["rng"])
         self.reporter.notice(f"resumed from round {self.state.next_round} ({self.out}/checkpoints)")
@@ -182,7 +186,8 @@ class Run:
             return
         state = {"model": self.work.model.state_dict(), "method": self.method.state_dict(), "next_round": next_round,
                  "wall_s": self.state.wall_s, "sim_s": self.state.sim_s, "profiles": profiles, "rng": rng_state(),
-                 "last_sync": self.state.last_sync, "changed": self.state.changed}
+                 "last_sync": self.state.last_sync, "changed": self.state.changed,
+                 "holdings": self.state.holdings}
         if self.cfg.checkpoint.every and (next_round % self.cfg.checkpoint.every == 0 or next_round == self.cfg.rounds):
             save_checkpoint(self.out, next_round, state, keep=self.cfg.checkpoint.keep)
 
@@ -199,11 +204,37 @@ class Run:
             sizes[name] = p.numel() * p.element_size()
         return sizes
 
+    def _quantized_expert_sizes(self, bits: int) -> dict:
+        """Bytes of each expert's int-``bits`` copy (weights packed as profiling packs them,
+        biases in full precision); empty when ``bits`` is 0."""
+        from flux.federation.downloads import GROUP_SIZE
+        from flux.ops import quantize
+
+        if not bits:
+            return {}
+        sizes = {}
+        with torch.no_grad():
+            for l, layer in enumerate(self.work.handle.moe_layers):
+                for e in range(layer.num_experts):
+                    w = layer.expert_weights(e)
+                    packed = sum(quantize(t.detach().float(), bits, GROUP_SIZE).nbytes for t in (w.gate_up, w.down))
+                    sizes[(l, e)] = packed + sum(t.numel() * t.element_size() for t in (w.gate_up_bias, w.down_bias)
+                                                 if t is not None)
+        return sizes
+
     def download_bytes(self, pid: int, round_idx: int) -> int:
         """What participant ``pid`` fetches at the start of ``round_idx``: the whole model the first
-        time, afterwards the global tensors changed since its last sync (it keeps its copy)."""
+        time, afterwards the global tensors changed since its last sync (it keeps its copy); with
+        ``download_bits`` the experts it does not train come quantized (flux/federation/downloads.py)."""
         from flux.methods.uploads import model_weight_bytes
 
+        if self.quantized_sizes:
+            from flux.federation.downloads import download_bytes, last_changes
+
+            return download_bytes(self.state.holdings.get(pid), full_sizes=self.sizes,
+                                  quantized_sizes=self.quantized_sizes, trained=self.trained.get(pid),
+                                  last_change=last_changes(self.state.changed, round_idx),
+                                  other_bytes=model_weight_bytes(self.work.model) - sum(self.sizes.values()))
         last = self.state.last_sync.get(pid)
         if last is None:
             return model_weight_bytes(self.work.model)
@@ -288,6 +319,9 @@ class Run:
         sampled, dropped = self._sample(r)
         profiles = self._round_profiles(r, sampled)
         plans = self.method.plan(self.ctx, r, sampled, profiles)
+        if self.quantized_sizes:
+            self.trained = {pid: self.method.trained_experts(self.ctx, r, pid, plans[pid], profiles.get(pid))
+                            for pid in sampled if pid not in dropped}
         updates, lost = self._participant_work(r, sampled, dropped, plans, profiles)
         admitted = self._admit(r, updates, dropped, lost)
         t_agg = time.perf_counter()
@@ -398,6 +432,15 @@ class Run:
         """Add the method's aggregate to the global model; record what changed (downloads)."""
         from flux.federation.aggregate import apply_expert_deltas
 
+        if self.quantized_sizes:
+            from flux.federation.downloads import after_download, last_changes
+
+            last = last_changes(self.state.changed, r)
+            for pid in sampled:
+                if pid not in dropped:
+                    self.state.holdings[pid] = after_download(
+                        self.state.holdings.get(pid), r, keys=self.sizes, trained=self.trained.get(pid),
+                        quantized_keys=self.quantized_sizes, last_change=last)
         self.state.changed[r] = set(delta.experts) | set(delta.dense)
         for pid in sampled:
             if pid not in dropped:

@@ -107,6 +107,7 @@ def install_merge(
     quantize_bits: Optional[int] = None,
     keep_originals: bool = True,
     frozen_tuning: Optional[Sequence[Sequence[int]]] = None,
+    stacks: Optional[Sequence[Mapping[str, Tensor]]] = None,
 ) -> None:
     """Serve every MoE layer by the groups of its plan.
 
@@ -125,11 +126,13 @@ def install_merge(
         frozen_tuning: per layer, tuning experts whose (own, unmerged) group is installed frozen
             instead of trainable: FLUX's exploration experts under forward-only (zeroth-order)
             updates, which must not cost a weight-gradient in the backward pass.
+        stacks: the expert weights the groups are built from, as :func:`layer_weight_stacks`
+            (default: the originals), e.g. a participant's copies with quantized read-only experts.
     """
     _check_plans(handle, plans)
     if frozen_tuning is not None and len(frozen_tuning) != len(plans):
         raise ValueError(f"frozen_tuning has {len(frozen_tuning)} entries but there are {len(plans)} plans")
-    stacks = layer_weight_stacks(handle)
+    stacks = layer_weight_stacks(handle) if stacks is None else stacks
     layouts = []
     with torch.no_grad():
         for layer, plan, weights in zip(handle.moe_layers, plans, stacks):
@@ -163,6 +166,7 @@ def merge_model(
     iters: int = DEFAULT_ITERS,
     var_floor: float = DEFAULT_VAR_FLOOR,
     frozen_tuning: Optional[Sequence[Sequence[int]]] = None,
+    stacks: Optional[Sequence[Mapping[str, Tensor]]] = None,
 ) -> list[LayerMergePlan]:
     """FLUX technique 2 on a patched model: :func:`flux.merging.plan_model_merge` on the
     original experts (Eq. 1 budgets unless ``budgets`` is given, fused K-Means, Eq. 2), then
@@ -174,17 +178,20 @@ def merge_model(
         attn_per_layer: per layer, mean attention scores float [E_l] (None unless "freq_attn").
         total_budget / budgets / mode / seed / fused / pca_dim / iters / var_floor: as
             :func:`flux.merging.plan_model_merge`.
-        quantize_bits / keep_originals / frozen_tuning: as :func:`install_merge`.
+        quantize_bits / keep_originals / frozen_tuning / stacks: as :func:`install_merge`; the
+            plan (clustering, Eq. 2) is computed on ``stacks`` too.
 
     Returns:
         The installed plans, one per layer.
     """
+    if stacks is None:
+        stacks = layer_weight_stacks(handle)
     plans = plan_model_merge(
-        layer_weight_stacks(handle), tuning_per_layer, freqs_per_layer, attn_per_layer, total_budget,
+        stacks, tuning_per_layer, freqs_per_layer, attn_per_layer, total_budget,
         budgets=budgets, mode=mode, pca_dim=pca_dim, iters=iters, seed=seed, fused=fused, var_floor=var_floor,
     )
     install_merge(handle, plans, quantize_bits=quantize_bits, keep_originals=keep_originals,
-                  frozen_tuning=frozen_tuning)
+                  frozen_tuning=frozen_tuning, stacks=stacks)
     return plans
 
 

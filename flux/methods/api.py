@@ -20,7 +20,7 @@ This module imports no concrete method.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from torch import nn
 
@@ -99,6 +99,14 @@ class Method:
 
         experts, dense = aggregate(accepted)
         return RoundDelta(experts=experts, dense=dense)
+
+    def trained_experts(self, ctx: RunContext, round_idx: int, pid: int, plan: Any,
+                        profile: Any) -> Optional[set[tuple[int, int]]]:
+        """The ``(layer, expert)`` keys participant ``pid`` trains this round (its ``plan`` and
+        ``profile`` as :meth:`local_update` gets them).  With ``download_bits`` > 0 every other
+        expert is fetched as a quantized copy, so the method must only *read* those (merge,
+        profile, drop), never train them.  Default None: every expert in full precision."""
+        return None
 
     def observe(self, ctx: RunContext, round_idx: int, accepted: Sequence[Update]) -> None:
         """Server-side bookkeeping after the aggregate was applied."""

@@ -83,6 +83,10 @@ class Flux(Method):
         roles = assign_roles(utils, budgets, round_idx=round_idx, schedule=self.schedule(ctx), generator=gen)
         return dict(zip(sampled, roles))
 
+    def trained_experts(self, ctx: RunContext, round_idx: int, pid: int, roles: Any, profile: Any) -> set:
+        """The tuning experts (exploration ones included); the others are only merged."""
+        return {(l, int(e)) for l, t in enumerate(roles.tuning) for e in t.tolist()}
+
     def observe(self, ctx: RunContext, round_idx: int, updates: list[Update]) -> None:
         for u in updates:
             if not u.utilities:
@@ -121,7 +125,10 @@ class Flux(Method):
         num_experts = [layer.num_experts for layer in layers]
         with self.session(ctx, round_idx, pid) as s:
             with s.overhead():
+                # the participant's copies: its non-tuning experts came as int-N (download_bits)
+                stacks = participant_stacks(handle, tuning, cfg.download_bits)
                 plans = merge_model(handle, tuning, profile.frequencies(), profile.attention_scores(),
+                                    stacks=stacks,
                                     total_budget=self.merged_total(pid, tuning, num_experts),
                                     mode=cfg.flux.merge_mode, seed=cfg.seed, frozen_tuning=explore)
             s.begin()
@@ -170,6 +177,29 @@ class Flux(Method):
                 sq = tracker.scale * tracker.sq_norms[l][g] if tracker.sq_norms.get(l) is not None else 0.0
                 out[(l, e)] = utility_from_sums(d_e, float(sq))
         return out
+
+
+def participant_stacks(handle, tuning: list[list[int]], bits: int) -> Optional[list[dict[str, Tensor]]]:
+    """Per MoE layer the expert stacks the participant holds (``layer_weight_stacks`` keys):
+    tuning experts in full precision, every other expert's weights as its int-``bits`` download
+    (:func:`flux.federation.downloads.readonly_copy`); None when ``bits`` is 0 (the originals)."""
+    from flux.federation.downloads import readonly_copy
+    from flux.merging.install import layer_weight_stacks
+
+    if not bits:
+        return None
+    out = []
+    for stacks, tuned in zip(layer_weight_stacks(handle), tuning):
+        read_only = torch.tensor([e for e in range(stacks["gate_up"].shape[0]) if e not in set(tuned)],
+                                 dtype=torch.long)
+        copy = dict(stacks)
+        for k in ("gate_up", "down"):  # biases come in full precision
+            w = stacks[k].clone()
+            if read_only.numel():
+                w[read_only] = readonly_copy(w[read_only], bits)
+            copy[k] = w
+        out.append(copy)
+    return out
 
 
 def routed_sample_counts(profile, samples: list[int]) -> Optional[list[Tensor]]:

@@ -103,6 +103,12 @@ class FMES(Method):
             raise ValueError(f"participants {short}: memory below FMES's minimum of {floor} bytes "
                              "(one trained expert per layer)")
 
+    def trained_experts(self, ctx: RunContext, round_idx: int, pid: int, plan: Any, profile: Any) -> set:
+        """The kept experts: the server knows the profile and the memory, so it knows them too."""
+        keep = select_experts(ctx.work.handle, profile.frequencies(), int(ctx.devices[pid].memory_bytes),
+                              list(self.dense_parameters(ctx).values()))
+        return {(l, e) for l, kept in enumerate(keep) for e in kept}
+
     def local_update(self, ctx: RunContext, round_idx: int, pid: int, plan: Any, profile: Any) -> Update:
         from flux.merging.install import drop_model
 
