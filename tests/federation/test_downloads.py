@@ -111,3 +111,11 @@ def test_engine_accounting(tmp_path, method):
     else:
         assert all(q <= f for q, f in zip(down_quant, down_full)) and sum(down_quant) < sum(down_full)
         assert rec_quant[-1]["sim_s"] < rec_full[-1]["sim_s"]
+
+
+def test_download_bits_is_validated():
+    from flux.federation.config import ConfigError, load_config
+
+    assert load_config(None, ["download_bits=0"]).download_bits == 0
+    with pytest.raises(ConfigError, match="download_bits"):
+        load_config(None, ["download_bits=3"])
