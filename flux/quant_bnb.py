@@ -22,7 +22,11 @@ on the NF4/FP4 grid (unbiased rounding between the two neighbouring code values 
 :func:`adamw8bit` / :func:`adamw8bit_state_bytes` wrap ``bitsandbytes.optim.AdamW8bit`` (8-bit
 moments for float weights) and give its state bytes for memory accounting.
 
-Nothing in flux uses this module by default; docs/bitsandbytes.md says where each option plugs in.
+Nothing in flux uses this module by default.  Three config options do (docs/bitsandbytes.md,
+"Options"): ``flux.frozen_format = "nf4"`` (merged frozen groups, :class:`flux.moe.MergedView`),
+``fmq.weight_format = "nf4"`` (:class:`flux.methods.fmq.QuantizedAdamW`) and
+``flux.optimizer = "adamw8bit"`` (:func:`flux.federation.local.train_local`); :func:`require`
+gives the error naming the option when bitsandbytes is missing.
 """
 from __future__ import annotations
 
@@ -78,6 +82,15 @@ def available() -> bool:
     return True
 
 
+def require(option: str) -> None:
+    """Raise an ImportError naming ``option`` (what asked for bitsandbytes, e.g.
+    ``"flux.frozen_format = 'nf4'"``) and the install line when bitsandbytes is missing."""
+    try:
+        bnb_functional()
+    except ImportError as exc:
+        raise ImportError(f"{option} needs bitsandbytes, which is not importable: {exc}") from exc
+
+
 def _state_bytes(state: Any) -> int:
     """Bytes of every tensor a bitsandbytes QuantState holds (absmax, code, nested state)."""
     total = 0
@@ -131,13 +144,15 @@ class BnbQuantized:
 
     @classmethod
     def from_buffers(cls, packed: Tensor, absmax: Tensor, kind: str, blocksize: int, shape: Sequence[int],
-                     dtype: torch.dtype) -> "BnbQuantized":
-        """Rebuild from the two tensors a module keeps as buffers (``q.packed``, ``q.state.absmax``;
-        not nested), e.g. after ``module.to(device)`` moved them."""
+                     dtype: torch.dtype, code: Optional[Tensor] = None) -> "BnbQuantized":
+        """Rebuild from the tensors a module keeps as buffers (``q.packed``: uint8 [ceil(n / 2), 1],
+        ``q.state.absmax``: fp32 [ceil(n / blocksize)], not nested; optionally ``q.state.code``: fp32
+        [16], else the ``kind`` code book is rebuilt), e.g. after ``module.to(device)`` moved them."""
         _check_kind_block(kind, blocksize)
         F = bnb_functional()
-        state = F.QuantState(absmax=absmax, shape=torch.Size(shape), code=_code_tables(kind, packed.device)[1],
-                             blocksize=blocksize, quant_type=kind, dtype=dtype)
+        book = _code_tables(kind, packed.device)[1] if code is None else code
+        state = F.QuantState(absmax=absmax, shape=torch.Size(shape), code=book, blocksize=blocksize,
+                             quant_type=kind, dtype=dtype)
         return cls(packed, state)
 
     @property

@@ -34,6 +34,10 @@ MIN_VOCAB = 259  # flux.data.tokenizer: 256 byte tokens + 3 specials
 TASKS = ("auto", "classification", "generative")  # dataset.task of a user's dataset.path
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")  # flux.models.hf.DTYPES
 MODEL_SAVE = ("auto", "always", "never")  # RUN_DIR/model at the end of a run (flux.models.export)
+# optional bitsandbytes paths (docs/bitsandbytes.md, "Options"); the first value is flux's own, the default
+FROZEN_FORMATS = ("full", "int4", "int8", "nf4")  # flux.moe.merged_view.FROZEN_FORMATS
+OPTIMIZERS = ("adamw", "adamw8bit")  # flux.federation.local.OPTIMIZERS
+FMQ_WEIGHT_FORMATS = ("int4", "nf4")  # flux.methods.fmq.WEIGHT_FORMATS
 
 
 # ---------------------------------------------------------------------------- the schema
@@ -109,6 +113,13 @@ class FluxConfig:
     max_tune_fraction: float = 1.0  # 1 = memory alone decides B_tune (docs/techniques.md)
     utility_micro_batches: int = 4
     utility_steps: int = 2  # local steps that measure Eq. 3 (0 = every step, the exact estimate)
+    frozen_format: str = "full"  # merged (frozen) groups: full = the weight dtype, int4/int8 flux, nf4 bitsandbytes
+    optimizer: str = "adamw"  # the tuning experts' (and dense trainables') local optimizer; adamw8bit = bitsandbytes
+
+
+@dataclass(frozen=True)
+class FmqConfig:
+    weight_format: str = "int4"  # the FMQ baseline's stored expert weights: int4 (flux) or nf4 (bitsandbytes)
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     flux: FluxConfig = field(default_factory=FluxConfig)
+    fmq: FmqConfig = field(default_factory=FmqConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -314,6 +326,15 @@ def _one_of(value: Any, choices: Sequence, key: str) -> None:
         raise ConfigError(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}{hint}")
 
 
+def _needs_bnb(value: Any, key: str) -> None:
+    """A value served by bitsandbytes: fail at config time, naming the key and the install line,
+    when it is not importable (never a silent fallback to flux's own path)."""
+    from flux import quant_bnb  # imports torch: only reached when such a value is chosen
+
+    _check(quant_bnb.available(), key, f"{value!r} needs bitsandbytes, which is not importable here; "
+           f"{quant_bnb.INSTALL_HINT}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Range and consistency checks; raises :class:`ConfigError` naming the first bad key."""
     _check_method(cfg.method)
@@ -402,6 +423,19 @@ def validate(cfg: RunConfig) -> None:
     _check(0 < f.max_tune_fraction <= 1, "flux.max_tune_fraction", f"must be in (0, 1], got {f.max_tune_fraction}")
     _check(f.utility_steps >= 0, "flux.utility_steps", f"must be >= 0 (0 = every step), got {f.utility_steps}")
     _check(f.utility_micro_batches >= 1, "flux.utility_micro_batches", f"must be >= 1, got {f.utility_micro_batches}")
+    _one_of(f.frozen_format, FROZEN_FORMATS, "flux.frozen_format")
+    # zeroth-order exploration updates its (frozen) experts in place: quantized copies would drop it
+    _check(f.frozen_format == "full" or f.exploration != "zo", "flux.frozen_format",
+           f"{f.frozen_format!r} needs flux.exploration = \"backprop\": zeroth-order exploration updates frozen "
+           "groups in place, which quantized groups cannot hold")
+    if f.frozen_format == "nf4":
+        _needs_bnb(f.frozen_format, "flux.frozen_format")
+    _one_of(f.optimizer, OPTIMIZERS, "flux.optimizer")
+    if f.optimizer == "adamw8bit":
+        _needs_bnb(f.optimizer, "flux.optimizer")
+    _one_of(cfg.fmq.weight_format, FMQ_WEIGHT_FORMATS, "fmq.weight_format")
+    if cfg.fmq.weight_format == "nf4":
+        _needs_bnb(cfg.fmq.weight_format, "fmq.weight_format")
 
     x = cfg.faults
     _check(0 <= x.dropout < 1, "faults.dropout", f"must be in [0, 1), got {x.dropout}")

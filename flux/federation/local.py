@@ -2,7 +2,8 @@
 
 The loop is plain: ``steps`` mini-batches drawn from the participant's data with a generator
 seeded by (run seed, round, participant) — so a participant trains the same way on any rank and
-after a resume — AdamW on the given parameters, the task's loss (``model.loss``).  A
+after a resume — AdamW on the given parameters (``torch.optim.AdamW``, or bitsandbytes'
+AdamW8bit with ``optimizer="adamw8bit"``), the task's loss (``model.loss``).  A
 mini-batch can be split into micro-batches (gradients accumulate to the same batch gradient);
 methods that need per-sample-like gradient statistics (FLUX's Eq. 3 utility) hook in after each
 micro-batch backward.
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 MicroBatchHook = Callable[[dict, int, int], None]
 StepHook = Callable[[dict], None]
+OPTIMIZERS = ("adamw", "adamw8bit")  # flux.federation.config.OPTIMIZERS (flux.optimizer)
 
 
 @dataclasses.dataclass
@@ -72,6 +74,20 @@ def task_loss(model: nn.Module, batch: dict, reduction: str = "mean") -> Tensor:
     return model.loss(batch, reduction=reduction)
 
 
+def make_optimizer(name: str, groups: list[dict], *, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The local optimizer ``name`` over parameter ``groups`` (``torch.optim`` param-group dicts):
+    ``"adamw"`` = ``torch.optim.AdamW`` (fp32 moments like the parameters), ``"adamw8bit"`` =
+    bitsandbytes' AdamW8bit (:func:`flux.quant_bnb.adamw8bit`: 8-bit moments; needs bitsandbytes)."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if name == "adamw8bit":
+        from flux import quant_bnb
+
+        quant_bnb.require("flux.optimizer = 'adamw8bit'")
+        return quant_bnb.adamw8bit(groups, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
 def train_local(
     model: nn.Module,
     data,
@@ -88,6 +104,7 @@ def train_local(
     weight_decay: float = 0.0,
     dense_params: Sequence[nn.Parameter] = (),
     dense_lr: Optional[float] = None,
+    optimizer: str = "adamw",
 ) -> LocalStats:
     """Train ``params`` of ``model`` for ``steps`` mini-batches of ``data``.
 
@@ -103,9 +120,12 @@ def train_local(
             ``lr`` (the run's non-expert trainables, ``dense_lr_scale``).
         on_step: called as ``hook(batch)`` after each optimizer step (forward-only updates of
             parameters the optimizer does not own, e.g. zeroth-order exploration experts).
+        optimizer: ``"adamw"`` or ``"adamw8bit"`` (:func:`make_optimizer`).
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if optimizer not in OPTIMIZERS:  # before any work
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     params = [p for p in params if p.requires_grad]
     opt = None
     if params:
@@ -113,7 +133,7 @@ def train_local(
         special = {id(p) for p in dense_params} if dense_lr is not None else set()
         groups = [{"params": [p for p in params if id(p) not in special], "lr": lr},
                   {"params": [p for p in params if id(p) in special], "lr": dense_lr if dense_lr is not None else lr}]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+        opt = make_optimizer(optimizer, [g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
     stream = batch_stream(data, batch_size, generator)
     losses: list[float] = []
     seen: list[int] = []

@@ -50,10 +50,12 @@ class Flux(Method):
     # ------------------------------------------------------------------ server side
     def setup(self, ctx: RunContext) -> None:
         from flux.moe.memory_budget import budgets_from_memory
+        from flux.moe.merged_view import FROZEN_FORMATS
 
         dense = list(self.dense_parameters(ctx).values())
         self.budgets = per_device_memory(ctx, lambda memory: budgets_from_memory(
-            ctx.work.handle, memory, optimizer="adamw", trainable=dense,
+            ctx.work.handle, memory, optimizer=ctx.cfg.flux.optimizer, trainable=dense,
+            frozen_bits=FROZEN_FORMATS[ctx.cfg.flux.frozen_format],
             max_tune_fraction=ctx.cfg.flux.max_tune_fraction))
 
     def schedule(self, ctx: RunContext):
@@ -115,9 +117,11 @@ class Flux(Method):
     def local_update(self, ctx: RunContext, round_idx: int, pid: int, roles: Any, profile: Any) -> Update:
         from flux.merging.install import merge_model
         from flux.moe import LayerLayout, estimate_memory
+        from flux.moe.merged_view import FROZEN_FORMATS
         from flux.roles import activation_utilities
 
         cfg, handle = ctx.cfg, ctx.work.handle
+        frozen_bits = FROZEN_FORMATS[cfg.flux.frozen_format]
         layers = handle.moe_layers
         tuning = [sorted(t.tolist()) for t in roles.tuning]
         zo = cfg.flux.exploration == "zo"
@@ -130,7 +134,8 @@ class Flux(Method):
                 plans = merge_model(handle, tuning, profile.frequencies(), profile.attention_scores(),
                                     stacks=stacks,
                                     total_budget=self.merged_total(pid, tuning, num_experts),
-                                    mode=cfg.flux.merge_mode, seed=cfg.seed, frozen_tuning=explore)
+                                    mode=cfg.flux.merge_mode, seed=cfg.seed, frozen_tuning=explore,
+                                    quantize_bits=frozen_bits)
             s.begin()
             tracker = _GradTracker(layers)
             explorer = _ZerothOrderExplorer(ctx.work.model, layers, explore, sigma=cfg.flux.zo_sigma,
@@ -139,7 +144,8 @@ class Flux(Method):
                                                                             Stream.ZEROTH_ORDER))
             measured_steps = cfg.flux.utility_steps or cfg.local_steps
             stats = s.train(micro_batches=cfg.flux.utility_micro_batches, micro_batch_steps=measured_steps,
-                            on_micro_batch=tracker, on_step=explorer if explorer.rows else None)
+                            on_micro_batch=tracker, on_step=explorer if explorer.rows else None,
+                            optimizer=cfg.flux.optimizer)
             with s.overhead():
                 # Eq. 3 sums over every trained sample: extrapolate from the measured steps
                 tracker.scale = cfg.local_steps / min(measured_steps, cfg.local_steps)
@@ -151,8 +157,8 @@ class Flux(Method):
                 tuned_share = float(sum(float(shares[l][e]) for l, e in utilities))
                 dense_deltas = s.dense_deltas()
                 layouts = [LayerLayout(tuned=p.num_tuning, merged_groups=p.num_groups - p.num_tuning,
-                                       keep_originals=False) for p in plans]
-                peak = estimate_memory(handle, layouts, optimizer="adamw", train_experts=False,
+                                       quantize_bits=frozen_bits, keep_originals=False) for p in plans]
+                peak = estimate_memory(handle, layouts, optimizer=cfg.flux.optimizer, train_experts=False,
                                        trainable=list(s.dense.values())).total
             return s.upload(stats, deltas, tokens, dense_deltas=dense_deltas, peak_memory_bytes=peak,
                             utilities=utilities, profile=profile, tuned_share=tuned_share,

@@ -28,6 +28,11 @@ because the per-parameter updates are independent.
 
 The uploaded delta of an expert is ``deq(Q_w) - W_global``: it includes the quantization error
 of the starting point, which is what makes FMQ's global model oscillate.
+
+``fmq.weight_format = "nf4"`` stores the weights as bitsandbytes NF4 instead (block 64, the same
+0.5625 B/parameter plus a 64-B code book per stack; stochastic rounding on the NF4 grid,
+:func:`flux.quant_bnb.stochastic_quantize`); the moments stay flux int8/int4.  The baseline is
+defined with int4, which stays the default (docs/bitsandbytes.md).
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from flux.methods.api import Method, RunContext, per_device_memory
 from flux.ops import QuantizedTensor, quantize
 
 WEIGHT_BITS = 4
+WEIGHT_FORMATS = ("int4", "nf4")  # flux.federation.config.FMQ_WEIGHT_FORMATS (fmq.weight_format)
 GROUP_SIZE = 64
 MOMENT_BITS_CHOICES = (8, 4)  # best first; the first that fits is used
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW defaults, as train_local uses
@@ -68,27 +74,52 @@ def stochastic_quantize(w: Tensor, bits: int, group_size: int, generator: torch.
 
 
 class QuantizedAdamW:
-    """AdamW over parameters whose values live as int4 ``QuantizedTensor`` s (module docstring).
+    """AdamW over parameters whose values live as int4 ``QuantizedTensor`` s (module docstring),
+    or as NF4 :class:`flux.quant_bnb.BnbQuantized` with ``weight_format="nf4"``.
 
-    ``params`` are the float tensors the model computes with; after :meth:`step` they hold
-    ``dequantize`` of the new quantized weights and their gradients are zeroed.
+    ``params`` are the float tensors the model computes with (any shape, e.g. the stacks
+    [E, 2I, H] / [E, H, I]); after :meth:`step` they hold ``dequantize`` of the new quantized
+    weights and their gradients are zeroed.
     """
 
     def __init__(self, params: Sequence[nn.Parameter], *, lr: float, moment_bits: int,
-                 generator: torch.Generator, weight_decay: float = 0.0, group_size: int = GROUP_SIZE) -> None:
+                 generator: torch.Generator, weight_decay: float = 0.0, group_size: int = GROUP_SIZE,
+                 weight_format: str = "int4") -> None:
         if moment_bits not in (4, 8):
             raise ValueError(f"moment_bits must be 4 or 8, got {moment_bits}")
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+        if weight_format == "nf4":
+            from flux import quant_bnb
+
+            quant_bnb.require("fmq.weight_format = 'nf4'")
         self.params = list(params)
         self.lr, self.weight_decay = lr, weight_decay
         self.moment_bits, self.group_size = moment_bits, group_size
+        self.weight_format = weight_format
         self.generator = generator
         self.steps = 0
-        self.weights: list[QuantizedTensor] = [quantize(p.detach(), bits=WEIGHT_BITS, group_size=group_size)
-                                               for p in self.params]
+        self.weights: list[Any] = [self._nearest(p.detach()) for p in self.params]
         zeros = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self.exp_avg = [quantize(z, bits=moment_bits, group_size=group_size) for z in zeros]
         self.exp_avg_sqrt = [quantize(z, bits=moment_bits, group_size=group_size) for z in zeros]
         self._load()
+
+    def _nearest(self, w: Tensor):
+        """Round-to-nearest storage of ``w`` in the weight format."""
+        if self.weight_format == "nf4":
+            from flux import quant_bnb
+
+            return quant_bnb.quantize_frozen(w, "nf4", self.group_size)
+        return quantize(w, bits=WEIGHT_BITS, group_size=self.group_size)
+
+    def _stochastic(self, w: Tensor):
+        """Unbiased stochastically rounded storage of ``w`` (float32) in the weight format."""
+        if self.weight_format == "nf4":
+            from flux import quant_bnb
+
+            return quant_bnb.stochastic_quantize(w, "nf4", self.group_size, self.generator)
+        return stochastic_quantize(w, WEIGHT_BITS, self.group_size, self.generator)
 
     @torch.no_grad()
     def _load(self) -> None:
@@ -112,7 +143,7 @@ class QuantizedAdamW:
             w.mul_(1 - self.lr * self.weight_decay)
             denom = (v.sqrt() / (1 - b2 ** t) ** 0.5).add_(ADAM_EPS)
             w.addcdiv_(m, denom, value=-self.lr / (1 - b1 ** t))
-            self.weights[i] = stochastic_quantize(w, WEIGHT_BITS, self.group_size, self.generator)
+            self.weights[i] = self._stochastic(w)
             self.exp_avg[i] = quantize(m, bits=self.moment_bits, group_size=self.group_size)
             self.exp_avg_sqrt[i] = quantize(v.sqrt_(), bits=self.moment_bits, group_size=self.group_size)
             if p.grad is not None:
@@ -128,7 +159,7 @@ class QuantizedLayout:
         memory_bytes: the device memory it was sized for.
         moment_bits: precision of the stored AdamW moments.
         fixed_bytes: non-expert weights + their training state + routing counts.
-        expert_weight_bytes: int4 expert stacks (+ float biases where the experts have them).
+        expert_weight_bytes: int4 (or NF4) expert stacks (+ float biases where the experts have them).
         moment_bytes: quantized moments of the expert stacks (+ float bias training state).
         working_bytes: one expert's float W, G, m, v (the largest layer's expert).
     """
@@ -139,6 +170,7 @@ class QuantizedLayout:
     expert_weight_bytes: int
     moment_bytes: int
     working_bytes: int
+    weight_format: str = "int4"
 
     @property
     def total(self) -> int:
@@ -146,12 +178,14 @@ class QuantizedLayout:
 
 
 def quantized_layout(handle, memory_bytes: int, dense: list[nn.Parameter],
-                     moment_bits: Optional[int] = None) -> QuantizedLayout:
+                     moment_bits: Optional[int] = None, weight_format: str = "int4") -> QuantizedLayout:
     """The FMQ memory layout for ``memory_bytes``: 8-bit moments if they fit, else 4-bit.
 
     Args:
         dense: the non-expert parameters that train.
         moment_bits: force 8 or 4 (still checked against the memory).
+        weight_format: ``"int4"`` or ``"nf4"`` (:class:`QuantizedAdamW`): NF4 stacks hold a 16-entry
+            fp32 code book each on top of int4's bytes.
 
     Raises:
         ValueError: negative memory, or not even 4-bit moments fit (the message names the bytes).
@@ -160,6 +194,10 @@ def quantized_layout(handle, memory_bytes: int, dense: list[nn.Parameter],
 
     if memory_bytes < 0:
         raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    # the weight stacks as the memory model's frozen-stack formats (flux int4, or NF4 at block GROUP_SIZE)
+    weight_quantization = "nf4" if weight_format == "nf4" else WEIGHT_BITS
     choices = MOMENT_BITS_CHOICES if moment_bits is None else (moment_bits,)
     float_report = estimate_memory(handle, None, optimizer="adamw", train_experts=False, trainable=dense)
     fixed = float_report.total - float_report.details["expert_weights"]
@@ -175,19 +213,25 @@ def quantized_layout(handle, memory_bytes: int, dense: list[nn.Parameter],
             bias = e * (2 * layer.intermediate_size + layer.hidden_size) * el if layer.source.has_bias else 0
             index = 4 * e  # the view's group index; not part of a weight stack
 
-            def stack_bytes(b: int) -> int:  # quantized gate_up + down (+ float biases)
+            def stack_bytes(b: int | str) -> int:  # quantized gate_up + down (+ float biases)
                 lay = LayerLayout(tuned=0, merged_groups=e, quantize_bits=b, quantize_group_size=GROUP_SIZE,
                                   keep_originals=False)
                 rep = estimate_memory(handle, {l: lay}, optimizer="adamw", train_experts=False)
                 return rep.details["per_layer"][l]["weights"] - index
 
-            weights += stack_bytes(WEIGHT_BITS)
+            weights += stack_bytes(weight_quantization)
             moments += 2 * (stack_bytes(bits) - bias) + 3 * bias  # biases train in float AdamW
-        layouts.append(QuantizedLayout(memory_bytes, bits, fixed, weights, moments, working))
+        layouts.append(QuantizedLayout(memory_bytes, bits, fixed, weights, moments, working, weight_format))
         if layouts[-1].total <= memory_bytes:
             return layouts[-1]
     raise ValueError(f"memory_bytes={memory_bytes}: FMQ needs at least {layouts[-1].total} bytes "
                      f"({layouts[-1].moment_bits}-bit moments: {layouts[-1]})")
+
+
+def weight_format_of(cfg: Any) -> str:
+    """``cfg.fmq.weight_format``; "int4" for a config without an ``[fmq]`` table (hand-built
+    contexts)."""
+    return getattr(getattr(cfg, "fmq", None), "weight_format", "int4")
 
 
 class FMQ(Method):
@@ -201,7 +245,9 @@ class FMQ(Method):
 
     def setup(self, ctx: RunContext) -> None:
         dense = list(self.dense_parameters(ctx).values())
-        self.layouts = per_device_memory(ctx, lambda memory: quantized_layout(ctx.work.handle, memory, dense))
+        fmt = weight_format_of(ctx.cfg)
+        self.layouts = per_device_memory(ctx, lambda memory: quantized_layout(ctx.work.handle, memory, dense,
+                                                                               weight_format=fmt))
 
     def layout_for(self, ctx: RunContext, pid: int) -> QuantizedLayout:
         if not self.layouts:
@@ -224,7 +270,8 @@ class FMQ(Method):
                 s.begin(views=False, extra={**{f"__bias{i}": p for i, p in enumerate(biases)},
                                             **{f"__stack{i}": p for i, p in enumerate(stacks)}})
                 opt = QuantizedAdamW(stacks, lr=round_lr(cfg, round_idx), moment_bits=layout.moment_bits,
-                                     generator=participant_generator(cfg.seed, round_idx, pid, ROUNDING_STREAM))
+                                     generator=participant_generator(cfg.seed, round_idx, pid, ROUNDING_STREAM),
+                                     weight_format=layout.weight_format)
                 self.last_optimizer = opt
             # the quantized update runs right after the backward, before the float optimizer step
             stats = s.train([*s.dense.values(), *biases], on_micro_batch=lambda mb, n, j: opt.step())

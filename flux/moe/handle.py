@@ -23,8 +23,10 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from flux import quant_bnb
 from flux.moe.compute import run_experts
-from flux.moe.merged_view import ExpertWeights, LayoutError, LayoutIndexError, MergedView, validate_layout
+from flux.moe.merged_view import (FROZEN_QUANTIZATIONS, NF4, ExpertWeights, LayoutError, LayoutIndexError, MergedView,
+                                  validate_layout)
 
 COUNTS_BUFFER = "flux_counts"
 VIEW_MODULE = "flux_view"
@@ -319,7 +321,7 @@ class MoELayerHandle:
         *,
         gate_up_bias: Optional[Tensor] = None,
         down_bias: Optional[Tensor] = None,
-        quantize_bits: Optional[int] = None,
+        quantize_bits: Optional[int | str] = None,
         quantize_group_size: int = 64,
         keep_originals: bool = True,
     ) -> MergedView:
@@ -332,7 +334,8 @@ class MoELayerHandle:
             trainable: G flags.  Trainable groups become one ``nn.Parameter`` stack
                 (``view.tuned_gate_up`` / ``view.tuned_down``); frozen groups a buffer stack.
             gate_up_bias / down_bias: [G, 2I] / [G, H], required iff the experts have biases.
-            quantize_bits: 4 or 8 stores the frozen groups as flux.ops.QuantizedTensor.
+            quantize_bits: 4 or 8 stores the frozen groups as flux.ops.QuantizedTensor, 'nf4' as
+                bitsandbytes NF4 (block ``quantize_group_size``; needs bitsandbytes).
             keep_originals: False frees the original expert tensors while the view is installed
                 (memory); :meth:`remove_view` then needs ``full_weights``.
 
@@ -355,8 +358,12 @@ class MoELayerHandle:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        if quantize_bits not in (None, 4, 8):
-            raise LayoutError(f"{self.name}: quantize_bits must be None, 4 or 8, got {quantize_bits!r}")
+        if quantize_bits not in FROZEN_QUANTIZATIONS:
+            raise LayoutError(f"{self.name}: quantize_bits must be None, 4 or 8, got {quantize_bits!r} "
+                              "(or 'nf4': bitsandbytes NF4)")
+        if quantize_bits == NF4 and quantize_group_size not in quant_bnb.BLOCKSIZES:
+            raise LayoutError(f"{self.name}: NF4 frozen groups need quantize_group_size in {quant_bnb.BLOCKSIZES} "
+                              f"(bitsandbytes block sizes), got {quantize_group_size!r}")
         e2g, flags = validate_layout(
             layer=self.name, num_experts=self.num_experts, hidden=self.hidden_size,
             intermediate=self.intermediate_size, has_bias=self.source.has_bias, expert_to_group=expert_to_group,
@@ -451,7 +458,7 @@ class MoELayerHandle:
         *,
         weights: Optional[Sequence[float] | Tensor] = None,
         drop: Sequence[int] = (),
-        quantize_bits: Optional[int] = None,
+        quantize_bits: Optional[int | str] = None,
         quantize_group_size: int = 64,
         keep_originals: bool = True,
     ) -> MergedView:

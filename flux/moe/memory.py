@@ -11,14 +11,18 @@ Conventions (what the real tensors hold):
 * weights: every parameter and buffer of the model, each storage once; meta tensors (released
   originals) count 0.  Per patched layer FLUX adds ``flux_counts`` (int64 [E]); a view adds
   ``group_of_expert`` (int32 [E]), trainable stacks ``[Gt, 2I, H]`` + ``[Gt, H, I]`` (+ biases)
-  and frozen stacks (dense in the weight dtype, or int4/int8 ``qdata`` + fp32 ``scales`` as in
-  flux/ops/contracts.md).
+  and frozen stacks (dense in the weight dtype, int4/int8 ``qdata`` + fp32 ``scales`` as in
+  flux/ops/contracts.md, or NF4: packed codes + fp32 absmax per block + the 16-entry fp32 code
+  book, :func:`flux.quant_bnb.frozen_bytes`).
 * gradients: one tensor like each trainable parameter that took part in the step: in the full
   layout the expert parameters, under a view the trainable stacks; plus the non-expert
   parameters the caller trains.
 * optimizer: ``adam``/``adamw``: ``exp_avg`` + ``exp_avg_sq`` like the parameter plus a float32
-  ``step`` scalar per parameter (``amsgrad`` adds ``max_exp_avg_sq``); ``sgd``: nothing, or a
-  momentum buffer with ``momentum > 0``.
+  ``step`` scalar per parameter (``amsgrad`` adds ``max_exp_avg_sq``); ``adamw8bit``
+  (bitsandbytes): :func:`flux.quant_bnb.adamw8bit_state_bytes` per parameter (uint8 moments and
+  an fp32 absmax per 256, fp32 moments below 4096 elements; the step is a Python int) plus its
+  two 8-bit code books once per optimizer when any parameter is that large
+  (``details["optimizer_shared"]``); ``sgd``: nothing, or a momentum buffer with ``momentum > 0``.
 
 Transient memory inside a step (activations, the dequantized frozen stack during a call, the
 per-call stacks of ModuleList / transposed layers) is not resident state and is not counted.
@@ -32,7 +36,9 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from flux import quant_bnb
 from flux.moe.handle import COUNTS_BUFFER, VIEW_MODULE, PatchHandle
+from flux.moe.merged_view import FROZEN_QUANTIZATIONS, NF4
 
 
 @dataclass
@@ -41,13 +47,13 @@ class LayerLayout:
 
     tuned: number of tuning experts (or their indices); each is its own trainable group.
     merged_groups: number of frozen (merged) groups.
-    quantize_bits: None, 4 or 8 for the frozen groups.
+    quantize_bits: None, 4 or 8 (flux int-N) or 'nf4' (bitsandbytes) for the frozen groups.
     keep_originals: whether the original experts stay resident next to the view.
     """
 
     tuned: Union[int, Sequence[int]] = 0
     merged_groups: int = 0
-    quantize_bits: Optional[int] = None
+    quantize_bits: Optional[int | str] = None
     quantize_group_size: int = 64
     keep_originals: bool = True
 
@@ -115,8 +121,16 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
+def _optimizer_name(optimizer: Union[str, Mapping]) -> str:
+    if isinstance(optimizer, Mapping):
+        return str(optimizer.get("name", "adamw")).lower()
+    return optimizer.lower()
+
+
 def _optimizer_bytes(optimizer: Union[str, Mapping], numel: int, elem: int) -> int:
     """State bytes one trainable parameter of ``numel`` elements gets."""
+    if _optimizer_name(optimizer) == "adamw8bit":
+        return quant_bnb.adamw8bit_state_bytes(numel)
     if isinstance(optimizer, Mapping):
         name = str(optimizer.get("name", "adamw")).lower()
         amsgrad = bool(optimizer.get("amsgrad", False))
@@ -131,8 +145,16 @@ def _optimizer_bytes(optimizer: Union[str, Mapping], numel: int, elem: int) -> i
         return (3 if amsgrad else 2) * numel * elem + 4  # exp_avg, exp_avg_sq (, max), fp32 step scalar
     if name == "sgd":
         return numel * elem if momentum > 0 else 0
-    raise ValueError(f"optimizer {optimizer!r}: expected 'adam', 'adamw', 'sgd', 'sgd_momentum' or a dict "
-                     "{'name', 'amsgrad', 'momentum'}")
+    raise ValueError(f"optimizer {optimizer!r}: expected 'adam', 'adamw', 'adamw8bit', 'sgd', 'sgd_momentum' or a "
+                     "dict {'name', 'amsgrad', 'momentum'}")
+
+
+def _optimizer_shared_bytes(optimizer: Union[str, Mapping], max_numel: int) -> int:
+    """State bytes one optimizer holds once, whatever its parameters: AdamW8bit's code books,
+    created for its first parameter with 8-bit moments (``max_numel``: the largest trained one)."""
+    if _optimizer_name(optimizer) == "adamw8bit" and max_numel >= quant_bnb.ADAMW8BIT_MIN_SIZE:
+        return quant_bnb.ADAMW8BIT_SHARED_BYTES
+    return 0
 
 
 def _quantized_bytes(rows: int, cols: int, bits: int, group_size: int) -> int:
@@ -171,7 +193,8 @@ def estimate_memory(
         layout: per MoE layer a :class:`LayerLayout` (merged view) or None (full expert set);
             one LayerLayout for every layer, a list, or a {layer index: layout} dict.
         dtype: weight dtype (floating tensors; default: each tensor's current dtype).
-        optimizer: 'adamw' | 'adam' | 'sgd' | 'sgd_momentum' (or a dict, see module docs).
+        optimizer: 'adamw' | 'adam' | 'adamw8bit' | 'sgd' | 'sgd_momentum' (or a dict, see module
+            docs).
         train_experts: full-layout layers train all their experts (else they are frozen).
         trainable: non-expert parameters that are trained: 'none', 'all', or the parameters
             (e.g. LoRA weights).
@@ -206,7 +229,8 @@ def estimate_memory(
 
     details = {"non_expert_weights": 0, "counts": 0, "expert_weights": 0, "view_trainable": 0, "view_frozen": 0,
                "view_index": 0, "non_expert_grads": 0, "expert_grads": 0, "non_expert_optimizer": 0,
-               "expert_optimizer": 0}
+               "expert_optimizer": 0, "optimizer_shared": 0}
+    max_trained = 0  # the largest trained parameter's numel (AdamW8bit's shared code books)
     seen_storage: set = set()
     named = [*model.named_parameters(), *model.named_buffers()]
     params_ids = {id(p) for p in model.parameters()}
@@ -227,6 +251,7 @@ def estimate_memory(
         if id(t) in params_ids and (train_ids is None or id(t) in train_ids):
             details["non_expert_grads"] += nbytes
             details["non_expert_optimizer"] += _optimizer_bytes(optimizer, t.numel(), size_of(t))
+            max_trained = max(max_trained, t.numel())
 
     per_layer = []
     for layer, lay in zip(layers, layouts):
@@ -243,17 +268,23 @@ def estimate_memory(
                 # per original parameter: fused stacks (interface) or one tensor per projection (ModuleList)
                 numels = [p.numel() for p in layer.source.expert_parameters()]
                 row["optimizer"] = sum(_optimizer_bytes(optimizer, n, el) for n in numels)
+                max_trained = max([max_trained, *numels])
             details["expert_weights"] += w
         else:
             gt, gf = lay.num_tuned, lay.merged_groups
             if gt < 0 or gf < 0 or gt + gf > e:
                 raise ValueError(f"layer {layer.index}: {gt} tuned + {gf} merged groups do not fit {e} experts")
-            if lay.quantize_bits not in (None, 4, 8):
-                raise ValueError(f"layer {layer.index}: quantize_bits must be None, 4 or 8, got {lay.quantize_bits}")
+            if lay.quantize_bits not in FROZEN_QUANTIZATIONS:
+                raise ValueError(f"layer {layer.index}: quantize_bits must be None, 4, 8 or 'nf4', "
+                                 f"got {lay.quantize_bits!r}")
             orig = e * per_expert * el if lay.keep_originals else 0
             tuned = gt * per_expert * el
             if gf == 0:
                 frozen = 0
+            elif lay.quantize_bits == NF4:  # one BnbQuantized per stack, blocks over the flattened stack
+                frozen = (quant_bnb.frozen_bytes(gf * 2 * i * h, lay.quantize_group_size)
+                          + quant_bnb.frozen_bytes(gf * h * i, lay.quantize_group_size)
+                          + (gf * (2 * i + h) * el if bias else 0))
             elif lay.quantize_bits:
                 frozen = (_quantized_bytes(gf * 2 * i, h, lay.quantize_bits, lay.quantize_group_size)
                           + _quantized_bytes(gf * h, i, lay.quantize_bits, lay.quantize_group_size)
@@ -270,6 +301,7 @@ def estimate_memory(
                 row["grads"] = tuned
                 numels = [gt * 2 * i * h, gt * h * i] + ([gt * 2 * i, gt * h] if bias else [])
                 row["optimizer"] = sum(_optimizer_bytes(optimizer, n, el) for n in numels)
+                max_trained = max([max_trained, *numels])
         details["expert_grads"] += row["grads"]
         details["expert_optimizer"] += row["optimizer"]
         per_layer.append(row)
@@ -277,5 +309,6 @@ def estimate_memory(
     weights = (details["non_expert_weights"] + details["counts"] + details["expert_weights"] + details["view_trainable"]
                + details["view_frozen"] + details["view_index"])
     grads = details["non_expert_grads"] + details["expert_grads"]
-    opt = details["non_expert_optimizer"] + details["expert_optimizer"]
+    details["optimizer_shared"] = _optimizer_shared_bytes(optimizer, max_trained)
+    opt = details["non_expert_optimizer"] + details["expert_optimizer"] + details["optimizer_shared"]
     return MemoryReport(weights, grads, opt, details)

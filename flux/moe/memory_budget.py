@@ -43,6 +43,7 @@ from torch import nn
 
 from flux.moe.handle import PatchHandle
 from flux.moe.memory import LayerLayout, MemoryReport, estimate_memory
+from flux.moe.merged_view import FROZEN_QUANTIZATIONS
 
 Trainable = Union[str, Iterable[nn.Parameter]]
 
@@ -147,7 +148,7 @@ def _deal(units: int, capacity: Sequence[int], order: Sequence[int]) -> list[int
 class _Canonical:
     """Canonical layouts for (t tuning experts, m extra groups) and their estimated bytes."""
 
-    def __init__(self, handle: PatchHandle, *, min_merged: int, frozen_bits: Optional[int], group_size: int,
+    def __init__(self, handle: PatchHandle, *, min_merged: int, frozen_bits: Optional[int | str], group_size: int,
                  keep_originals: bool, dtype, optimizer, trainable, activation_bytes: int) -> None:
         self.handle = handle
         self.experts = [layer.num_experts for layer in handle.moe_layers]
@@ -194,7 +195,7 @@ def budgets_from_memory(
     memory_bytes: int,
     *,
     optimizer: Union[str, Mapping] = "adamw",
-    frozen_bits: Optional[int] = None,
+    frozen_bits: Optional[int | str] = None,
     activation_bytes: int = 0,
     trainable: Trainable = "none",
     max_tune_fraction: float = 0.25,
@@ -210,7 +211,7 @@ def budgets_from_memory(
         handle: the patched model (its current view, if any, is ignored).
         memory_bytes: the participant's memory limit in bytes (>= 0).
         optimizer: as :func:`estimate_memory` ('adamw', 'adam', 'sgd', 'sgd_momentum', dict).
-        frozen_bits: None, 4 or 8: storage of the merged groups.
+        frozen_bits: None, 4, 8 or 'nf4': storage of the merged groups (LayerLayout.quantize_bits).
         activation_bytes: bytes reserved for activations and other transient memory.
         trainable: non-expert parameters that are trained too ('none', 'all' or parameters).
         max_tune_fraction: cap on B_tune as a share of all experts, in (0, 1]; at least 1.
@@ -224,8 +225,8 @@ def budgets_from_memory(
     memory_bytes = _nonnegative_int(memory_bytes, "memory_bytes")
     activation_bytes = _nonnegative_int(activation_bytes, "activation_bytes")
     min_merged = _nonnegative_int(min_merged_per_layer, "min_merged_per_layer")
-    if frozen_bits not in (None, 4, 8):
-        raise ValueError(f"frozen_bits must be None, 4 or 8, got {frozen_bits!r}")
+    if frozen_bits not in FROZEN_QUANTIZATIONS:
+        raise ValueError(f"frozen_bits must be None, 4, 8 or 'nf4', got {frozen_bits!r}")
     if not isinstance(max_tune_fraction, numbers.Real) or not 0 < max_tune_fraction <= 1:
         raise ValueError(f"max_tune_fraction must lie in (0, 1], got {max_tune_fraction!r}")
     layers = handle.moe_layers

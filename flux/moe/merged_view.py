@@ -7,7 +7,9 @@ and the non-tuning experts of a cluster share one frozen group (their weighted a
 
 Storage: the trainable groups form one ``nn.Parameter`` stack (``tuned_gate_up``,
 ``tuned_down``), the frozen groups one buffer stack (``frozen_*``), optionally int4/int8
-(:class:`flux.ops.QuantizedTensor`, stored as its ``qdata``/``scales`` buffers).  Both stacks go
+(:class:`flux.ops.QuantizedTensor`, stored as its ``qdata``/``scales`` buffers) or bitsandbytes
+NF4 (``quantize_bits="nf4"``: :class:`flux.quant_bnb.BnbQuantized`, stored as its packed codes,
+absmax and code book buffers; dequantized to dense stacks for each call).  Both stacks go
 to ``flux.ops.merged_moe`` as a list, trainable first, so frozen groups get no weight-gradient
 work.  The router is untouched: it still scores the E original experts and ``expert_to_group``
 maps its choices onto groups.
@@ -25,7 +27,14 @@ import torch
 from torch import Tensor, nn
 
 import flux.ops
+from flux import quant_bnb
 from flux.ops import QuantizedTensor
+
+NF4 = "nf4"  # quantize_bits value for bitsandbytes NF4 frozen groups (block = quantize_group_size)
+# what a view's frozen groups may be stored as: dense (None), flux int4 / int8, bitsandbytes NF4
+FROZEN_QUANTIZATIONS = (None, 4, 8, NF4)
+# config name (flux.frozen_format) -> quantize_bits; flux.federation.config.FROZEN_FORMATS lists the names
+FROZEN_FORMATS = {"full": None, "int4": 4, "int8": 8, "nf4": NF4}
 
 
 class LayoutError(ValueError):
@@ -147,7 +156,7 @@ class MergedView(nn.Module):
         down_bias: Optional[Tensor],
         dtype: torch.dtype,
         device: torch.device,
-        quantize_bits: Optional[int] = None,
+        quantize_bits: Optional[int | str] = None,
         quantize_group_size: int = 64,
     ) -> None:
         super().__init__()
@@ -179,7 +188,16 @@ class MergedView(nn.Module):
         self._frozen_shapes = None
         if frozen:
             fgu, fdn = take(gate_up, frozen), take(down, frozen)
-            if quantize_bits:
+            if quantize_bits == NF4:
+                quant_bnb.require("quantize_bits='nf4' (flux.frozen_format = 'nf4')")
+                for name, w in (("gate_up", fgu), ("down", fdn)):
+                    q = quant_bnb.quantize_frozen(w, NF4, quantize_group_size)
+                    # the code book is a buffer too: it is resident state (memory.py counts it)
+                    self.register_buffer(f"frozen_{name}_nf4", q.packed, persistent=False)
+                    self.register_buffer(f"frozen_{name}_absmax", q.state.absmax, persistent=False)
+                    self.register_buffer(f"frozen_{name}_code", q.state.code, persistent=False)
+                self._frozen_shapes = (fgu.shape, fdn.shape)
+            elif quantize_bits:
                 qgu = flux.ops.quantize(fgu, bits=quantize_bits, group_size=quantize_group_size)
                 qdn = flux.ops.quantize(fdn, bits=quantize_bits, group_size=quantize_group_size)
                 self._frozen_shapes = (qgu.shape, qdn.shape)
@@ -226,7 +244,23 @@ class MergedView(nn.Module):
             return self.tuned_gate_up.dtype
         return self.dtype_marker.dtype
 
+    def _nf4(self, name: str, shape: torch.Size, dtype: torch.dtype) -> quant_bnb.BnbQuantized:
+        """The NF4 frozen stack ``name`` ('gate_up' / 'down') rebuilt from its buffers (they follow
+        ``model.to(device)``), dequantizing to ``dtype``."""
+        # model.to(dtype) casts the float buffers too; bitsandbytes reads fp32 absmax and code book
+        return quant_bnb.BnbQuantized.from_buffers(
+            getattr(self, f"frozen_{name}_nf4"), getattr(self, f"frozen_{name}_absmax").float(), NF4,
+            self.quantize_group_size, shape, dtype, code=getattr(self, f"frozen_{name}_code").float())
+
     def _frozen_stacks(self, dtype: torch.dtype):
+        """(gate_up [Gf, 2I, H], down [Gf, H, I]) of the frozen groups: dense ``dtype`` tensors or
+        int-N :class:`QuantizedTensor` s (dequantized inside ``flux.ops``).  NF4 comes back dense:
+        the op takes no bitsandbytes codes, and it would dequantize a QuantizedTensor stack for
+        the call anyway, so the transient memory is the same."""
+        if self.quantize_bits == NF4:
+            gu_shape, dn_shape = self._frozen_shapes
+            return (self._nf4("gate_up", gu_shape, dtype).dequantize(dtype),
+                    self._nf4("down", dn_shape, dtype).dequantize(dtype))
         if self.quantize_bits:
             gu_shape, dn_shape = self._frozen_shapes
             gu = QuantizedTensor(self.frozen_gate_up_qdata, self.frozen_gate_up_scales.float(), self.quantize_bits,
@@ -287,7 +321,9 @@ class MergedView(nn.Module):
                 if p is not None]
 
     def extra_repr(self) -> str:
-        q = f", frozen int{self.quantize_bits}" if self.quantize_bits else ""
+        q = ""
+        if self.quantize_bits:
+            q = ", frozen nf4" if self.quantize_bits == NF4 else f", frozen int{self.quantize_bits}"
         return (f"experts={self.num_experts}, groups={self.num_groups} ({self.num_tuned} trainable, "
                 f"{self.num_frozen} frozen{q}), dropped={len(self.dropped_experts)}")
 
