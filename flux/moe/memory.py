@@ -129,14 +129,14 @@ def _optimizer_name(optimizer: Union[str, Mapping]) -> str:
 
 def _optimizer_bytes(optimizer: Union[str, Mapping], numel: int, elem: int) -> int:
     """State bytes one trainable parameter of ``numel`` elements gets."""
-    if _optimizer_name(optimizer) == "adamw8bit":
+    name = _optimizer_name(optimizer)
+    if name == "adamw8bit":
         return quant_bnb.adamw8bit_state_bytes(numel)
     if isinstance(optimizer, Mapping):
-        name = str(optimizer.get("name", "adamw")).lower()
         amsgrad = bool(optimizer.get("amsgrad", False))
         momentum = float(optimizer.get("momentum", 0.0))
     else:
-        name, amsgrad, momentum = optimizer.lower(), False, 0.0
+        amsgrad, momentum = False, 0.0
         if name == "adamw_amsgrad" or name == "adam_amsgrad":
             name, amsgrad = name.split("_")[0], True
         if name == "sgd_momentum":
