@@ -232,43 +232,38 @@ def storage_case(shape_name: str, tensor: str, w: Tensor, cods: list[Codec], *, 
 # ----------------------------------------------------------------------------- optimizers
 
 
-class CodecAdamW:
-    """AdamW with the moments stored as FMQ stores them (``flux.ops.quantize`` at
-    ``moment_bits``/``group_size``: ``exp_avg`` and ``sqrt(exp_avg_sq)``) and the weights stored
-    by ``weights``: ``"fp32"`` (a float master copy: an 8-bit-moment optimizer for tuned
-    experts), ``"int4"`` (exactly :class:`flux.methods.fmq.QuantizedAdamW`; the test checks it
-    bit for bit), or ``"nf4"`` / ``"fp4"`` (bitsandbytes codes, block ``group_size``, with
-    :func:`flux.quant_bnb.stochastic_quantize`)."""
+class CodecAdamW(fmq.QuantizedAdamW):
+    """:class:`flux.methods.fmq.QuantizedAdamW` (moments as FMQ stores them: ``flux.ops.quantize``
+    at ``moment_bits``/``group_size``, ``exp_avg`` and ``sqrt(exp_avg_sq)``) with the weights
+    stored by ``weights``: ``"fp32"`` (a float master copy: an 8-bit-moment optimizer for tuned
+    experts), ``"int4"`` (FMQ itself; the test checks it bit for bit), or ``"nf4"`` / ``"fp4"``
+    (bitsandbytes codes, block ``group_size``, with :func:`flux.quant_bnb.stochastic_quantize`)."""
 
     def __init__(self, params: list[torch.nn.Parameter], *, lr: float, weights: str, moment_bits: int = 8,
                  generator: torch.Generator, weight_decay: float = 0.0, group_size: int = fmq.GROUP_SIZE) -> None:
         if weights not in ("fp32", "int4", "nf4", "fp4"):
             raise ValueError(f"weights must be fp32, int4, nf4 or fp4, got {weights!r}")
-        self.params, self.lr, self.weight_decay = list(params), lr, weight_decay
-        self.weights_kind, self.moment_bits, self.group_size = weights, moment_bits, group_size
-        self.generator, self.steps = generator, 0
-        self.weights = [self._nearest(p.detach()) for p in self.params]
-        zeros = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self.exp_avg = [quantize(z, bits=moment_bits, group_size=group_size) for z in zeros]
-        self.exp_avg_sqrt = [quantize(z, bits=moment_bits, group_size=group_size) for z in zeros]
-        self._load()
+        self.weights_kind = weights  # read by _nearest while the base class builds the state
+        super().__init__(params, lr=lr, moment_bits=moment_bits, generator=generator,
+                         weight_decay=weight_decay, group_size=group_size)
 
     def _nearest(self, w: Tensor):
         if self.weights_kind == "fp32":
             return w.float().clone()
         if self.weights_kind == "int4":
-            return quantize(w, bits=fmq.WEIGHT_BITS, group_size=self.group_size)
+            return super()._nearest(w)
         return quant_bnb.quantize_frozen(w, self.weights_kind, self.group_size)
 
     def _stochastic(self, w: Tensor):
         if self.weights_kind == "fp32":
             return w
         if self.weights_kind == "int4":
-            return fmq.stochastic_quantize(w, fmq.WEIGHT_BITS, self.group_size, self.generator)
+            return super()._stochastic(w)
         return quant_bnb.stochastic_quantize(w, self.weights_kind, self.group_size, self.generator)
 
-    def _dense(self, stored) -> Tensor:
-        return stored.clone() if isinstance(stored, Tensor) else stored.dequantize(torch.float32)
+    def _master(self, i: int) -> Tensor:
+        stored = self.weights[i]
+        return stored.clone() if isinstance(stored, Tensor) else super()._master(i)
 
     @torch.no_grad()
     def _load(self) -> None:
@@ -280,26 +275,6 @@ class CodecAdamW:
 
     def state_bytes(self) -> int:
         return sum(q.nbytes for q in (*self.exp_avg, *self.exp_avg_sqrt))
-
-    @torch.no_grad()
-    def step(self) -> None:  # QuantizedAdamW.step with the weight codec swapped
-        self.steps += 1
-        b1, b2 = fmq.ADAM_BETAS
-        t = self.steps
-        for i, p in enumerate(self.params):
-            g = p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
-            w = self._dense(self.weights[i])
-            m = self.exp_avg[i].dequantize(torch.float32).mul_(b1).add_(g, alpha=1 - b1)
-            v = self.exp_avg_sqrt[i].dequantize(torch.float32).square_().mul_(b2).addcmul_(g, g, value=1 - b2)
-            w.mul_(1 - self.lr * self.weight_decay)
-            denom = (v.sqrt() / (1 - b2 ** t) ** 0.5).add_(fmq.ADAM_EPS)
-            w.addcdiv_(m, denom, value=-self.lr / (1 - b1 ** t))
-            self.weights[i] = self._stochastic(w)
-            self.exp_avg[i] = quantize(m, bits=self.moment_bits, group_size=self.group_size)
-            self.exp_avg_sqrt[i] = quantize(v.sqrt_(), bits=self.moment_bits, group_size=self.group_size)
-            if p.grad is not None:
-                p.grad.zero_()
-        self._load()
 
 
 def expert_forward(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:

@@ -67,7 +67,7 @@ def layer_weight_stacks(handle: PatchHandle) -> list[dict[str, Tensor]]:
 
 
 # --------------------------------------------------------------------------------- install
-def _install_all(handle: PatchHandle, layouts: Sequence[dict], quantize_bits: Optional[int],
+def _install_all(handle: PatchHandle, layouts: Sequence[dict], quantize_bits: Optional[int | str],
                  keep_originals: bool) -> None:
     """``install_view(**layouts[l])`` on every layer, all-or-nothing; release originals last."""
     layers = handle.moe_layers
@@ -104,7 +104,7 @@ def install_merge(
     handle: PatchHandle,
     plans: Sequence[LayerMergePlan],
     *,
-    quantize_bits: Optional[int] = None,
+    quantize_bits: Optional[int | str] = None,
     keep_originals: bool = True,
     frozen_tuning: Optional[Sequence[Sequence[int]]] = None,
     stacks: Optional[Sequence[Mapping[str, Tensor]]] = None,
@@ -120,7 +120,7 @@ def install_merge(
         handle: from :func:`flux.patch`, with no view installed.
         plans: one :class:`LayerMergePlan` per MoE layer (shallowest first), e.g. from
             :func:`flux.merging.plan_model_merge` on :func:`layer_weight_stacks`.
-        quantize_bits: None, 4 or 8 for the frozen groups.
+        quantize_bits: None (full precision), 4, 8 or "nf4" (bitsandbytes) for the frozen groups.
         keep_originals: False frees the original experts once every view is in place
             (:func:`uninstall` then needs ``full_weights``).
         frozen_tuning: per layer, tuning experts whose (own, unmerged) group is installed frozen
@@ -158,7 +158,7 @@ def merge_model(
     *,
     budgets: Sequence[int] | None = None,
     mode: str = "freq_attn",
-    quantize_bits: Optional[int] = None,
+    quantize_bits: Optional[int | str] = None,
     keep_originals: bool = True,
     seed: int = 0,
     fused: bool = True,
@@ -200,7 +200,7 @@ def drop_model(
     keep_per_layer: Sequence[Sequence[int]],
     *,
     trainable: bool = True,
-    quantize_bits: Optional[int] = None,
+    quantize_bits: Optional[int | str] = None,
     keep_originals: bool = True,
 ) -> None:
     """FMES-style layout: each kept expert is its own group (trainable, or frozen with

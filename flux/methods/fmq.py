@@ -121,6 +121,10 @@ class QuantizedAdamW:
             return quant_bnb.stochastic_quantize(w, "nf4", self.group_size, self.generator)
         return stochastic_quantize(w, WEIGHT_BITS, self.group_size, self.generator)
 
+    def _master(self, i: int) -> Tensor:
+        """A float32 copy of parameter ``i``'s stored weights, for the update to write into."""
+        return self.weights[i].dequantize(torch.float32)
+
     @torch.no_grad()
     def _load(self) -> None:
         for p, q in zip(self.params, self.weights):
@@ -137,7 +141,7 @@ class QuantizedAdamW:
         t = self.steps
         for i, p in enumerate(self.params):
             g = p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
-            w = self.weights[i].dequantize(torch.float32)
+            w = self._master(i)
             m = self.exp_avg[i].dequantize(torch.float32).mul_(b1).add_(g, alpha=1 - b1)
             v = self.exp_avg_sqrt[i].dequantize(torch.float32).square_().mul_(b2).addcmul_(g, g, value=1 - b2)
             w.mul_(1 - self.lr * self.weight_decay)
