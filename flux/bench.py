@@ -9,6 +9,8 @@ Config (TOML, e.g. ``benchmarks/tta.toml``)::
     rounds = 10
     [[settings]]
     name = "multiemo-mixtral"
+    target_from_fedavg = 0.95   # or target = 0.486 (stated); neither: the runs' target_accuracy
+    target_metric = "accuracy"  # or "loss"
     [settings.config]           # RunConfig keys of this setting (dotted or nested)
     dataset.name = "multiemo"
 
@@ -21,6 +23,7 @@ final_accuracy, peak_memory_bytes, bytes_moved, ...}}}, medians over seeds), ``D
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -86,10 +89,10 @@ def load_bench_config(path: str | Path, *, methods: Optional[Sequence[str]] = No
     for i, s in enumerate(settings):
         if "name" not in s:
             raise BenchConfigError(f"settings[{i}].name is missing")
-        unknown_keys = set(s) - {"name", "config", "target_from_fedavg", "target_metric"}
+        unknown_keys = set(s) - {"name", "config", "target", "target_from_fedavg", "target_metric"}
         if unknown_keys:
             raise BenchConfigError(f"settings[{i}]: unknown key(s) {sorted(unknown_keys)}; known: name, config, "
-                                   "target_from_fedavg, target_metric")
+                                   "target, target_from_fedavg, target_metric")
         if s.get("target_metric", "accuracy") not in TARGET_METRICS:
             raise BenchConfigError(f"settings[{i}].target_metric must be one of {list(TARGET_METRICS)}, "
                                    f"got {s.get('target_metric')!r}")
@@ -98,7 +101,24 @@ def load_bench_config(path: str | Path, *, methods: Optional[Sequence[str]] = No
             raise BenchConfigError(f"settings[{i}].target_from_fedavg must be a fraction in (0, 1], got {rule!r}")
         if rule is not None and "fedavg" not in chosen:
             raise BenchConfigError(f"settings[{i}].target_from_fedavg needs fedavg among the methods")
+        _check_stated_target(s, i)
     return {"methods": chosen, "seeds": seeds, "base": raw.get("base", {}), "settings": settings}
+
+
+def _check_stated_target(setting: dict, i: int) -> None:
+    """``target``: a number stated in the config (e.g. a previous bench's fedavg-derived target, to
+    measure a variant against it without rerunning fedavg); accuracy in (0, 1], loss > 0."""
+    if "target" not in setting:
+        return
+    value = setting["target"]
+    if "target_from_fedavg" in setting:
+        raise BenchConfigError(f"settings[{i}]: give target or target_from_fedavg, not both")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise BenchConfigError(f"settings[{i}].target must be a number, got {value!r}")
+    if _metric_of(setting) == "accuracy" and not 0 < value <= 1:
+        raise BenchConfigError(f"settings[{i}].target must be an accuracy in (0, 1], got {value!r}")
+    if _metric_of(setting) == "loss" and not value > 0:
+        raise BenchConfigError(f"settings[{i}].target must be a loss > 0, got {value!r}")
 
 
 def run_one(setting: dict, base: dict, method: str, seed: int, out: Path, *, progress: bool) -> dict:
@@ -125,6 +145,18 @@ def _stderr(xs: list) -> Optional[float]:
     return statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) >= 2 else None
 
 
+def _median_reaching(xs: list) -> Optional[float]:
+    """Median over every seed of a time-to-target, a seed that never reached counting as
+    infinitely late (None when that is the median): dropping those seeds would credit a method
+    that misses on some seeds with the mean of its lucky ones."""
+    ranked = sorted((math.inf if x is None else x) for x in xs)
+    if not ranked:
+        return None
+    n = len(ranked)
+    mid = ranked[n // 2] if n % 2 else (ranked[n // 2 - 1] + ranked[n // 2]) / 2
+    return None if math.isinf(mid) else mid
+
+
 def summarize(runs: list[dict], target: float, metric: str = "accuracy") -> dict:
     """Medians (and standard errors) over seeds of one (setting, method); time-to-target is
     recomputed from each run's metrics for the bench's ``target`` on ``metric``."""
@@ -142,9 +174,9 @@ def summarize(runs: list[dict], target: float, metric: str = "accuracy") -> dict
         "metric": metric,
         "reached": half,
         "reached_seeds": f"{reached}/{len(runs)}",
-        "rounds_to_target": _median(rounds) if half else None,
-        "tta_sim_s": _median(tta_sim) if half else None,
-        "tta_wall_s": _median(tta_wall) if half else None,
+        "rounds_to_target": _median_reaching(rounds),
+        "tta_sim_s": _median_reaching(tta_sim),
+        "tta_wall_s": _median_reaching(tta_wall),
         "final_loss": _median([final_value(r, "loss") for r in runs]),
         "base_loss": _median([(r["summary"].get("base") or {}).get("loss") for r in runs]),
         "final_accuracy": _median([r["summary"]["final_accuracy"] for r in runs]),
@@ -332,7 +364,8 @@ def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional
     for setting in bench["settings"]:
         name = setting["name"]
         # validates the setting before anything runs
-        targets[name] = load_config(None, overrides_of(bench["base"], setting.get("config", {}))).target_accuracy
+        run_target = load_config(None, overrides_of(bench["base"], setting.get("config", {}))).target_accuracy
+        targets[name] = float(setting.get("target", run_target))
         for method in bench["methods"]:
             for seed in bench["seeds"]:
                 run_dir = out / "runs" / name / method.replace(":", "-") / f"seed{seed}"

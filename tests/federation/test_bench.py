@@ -34,6 +34,18 @@ def test_summarize_takes_medians_and_needs_a_majority():
     assert not s["reached"] and s["tta_sim_s"] is None and s["reached_seeds"] == "1/3"
 
 
+def test_a_seed_that_never_reached_counts_as_infinitely_late():
+    """2 of 3 seeds reached at 10 and 30: the median seed is the one at 30, not their mean 20."""
+    s = summarize([_run(10, 1, 0.5, rnd=2), _run(None, None, 0.4), _run(30, 3, 0.6, rnd=6)], 0.5)
+    assert s["reached"] and s["reached_seeds"] == "2/3"
+    assert (s["tta_sim_s"], s["tta_wall_s"], s["rounds_to_target"]) == (30, 3, 6)
+    # an even count: the mean of the middle two, with never = infinitely late
+    s = summarize([_run(10, 1, 0.5), _run(30, 3, 0.6), _run(20, 2, 0.6), _run(None, None, 0.4)], 0.5)
+    assert s["tta_sim_s"] == 25
+    s = summarize([_run(10, 1, 0.5), _run(None, None, 0.6), _run(20, 2, 0.6), _run(None, None, 0.4)], 0.5)
+    assert not s["reached"] and s["tta_sim_s"] is None
+
+
 def test_speedup_is_over_the_fastest_baseline_that_reached():
     r = {"s": {"flux": summarize([_run(10, 2, 0.6)], 0.5), "fmd": summarize([_run(40, 4, 0.6)], 0.5),
                "fmq": summarize([_run(None, None, 0.3)], 0.5), "fmes": summarize([_run(25, 5, 0.5)], 0.5),
@@ -73,7 +85,7 @@ def test_a_loss_target_is_reached_from_above_and_set_from_fedavg_s_fall():
     assert target == pytest.approx(6.0 + 0.5 * (2.5 - 6.0))  # base + half of the median fall
     s = summarize([_loss_run([5.0, 4.0, 3.5]), _loss_run([4.0, 3.0, 2.0]), _loss_run([6.0, 5.0, 4.5])], target, "loss")
     assert s["metric"] == "loss" and s["reached_seeds"] == "2/3" and s["reached"]
-    assert s["tta_sim_s"] == 150.0 and s["final_loss"] == 3.5 and s["base_loss"] == 6.0  # median of 200, 100
+    assert s["tta_sim_s"] == 200.0 and s["final_loss"] == 3.5 and s["base_loss"] == 6.0  # median of 100, 200, never
     with pytest.raises(BenchConfigError, match="target_metric"):
         bad = Path(__file__).parent / "_bad_metric.toml"
         try:
@@ -101,6 +113,34 @@ def test_bench_config_rejects_a_bad_target_rule(tmp_path):
         load_bench_config(path)
 
 
+@pytest.mark.parametrize("setting,match", [
+    ('target = 0.5\ntarget_from_fedavg = 0.9', "not both"),
+    ('target = 1.5', "accuracy in"),
+    ('target = "high"', "a number"),
+    ('target = 0.0\ntarget_metric = "loss"', "loss > 0"),
+])
+def test_bench_config_rejects_a_bad_stated_target(tmp_path, setting, match):
+    path = tmp_path / "b.toml"
+    path.write_text(f'methods = ["fedavg", "flux"]\n[[settings]]\nname = "s"\n{setting}\n')
+    with pytest.raises(BenchConfigError, match=match):
+        load_bench_config(path)
+
+
+def test_a_stated_loss_target_is_used_as_given(tmp_path):
+    """A variant measured against a previous bench's target: no fedavg runs, the number from the
+    config (not the runs' target_accuracy), time-to-loss from above."""
+    path = tmp_path / "b.toml"
+    path.write_text('methods = ["flux"]\nseeds = [0]\n[[settings]]\nname = "s"\ntarget = 2.5\n'
+                    'target_metric = "loss"\n')
+    bench = load_bench_config(path)
+    assert bench["settings"][0]["target"] == 2.5
+    run = _run(None, None, 0.4)
+    run["metrics"] = [{"round": 1, "loss": 3.0, "sim_s": 5.0, "wall_s": 1.0},
+                      {"round": 2, "loss": 2.4, "sim_s": 9.0, "wall_s": 2.0}]
+    s = summarize([run], 2.5, "loss")
+    assert s["reached"] and s["tta_sim_s"] == 9.0
+
+
 def test_overrides_flatten_nested_tables():
     assert overrides_of({"a": 1, "d": {"name": "x", "n": {"k": True}}}) == ['a=1', 'd.name="x"', 'd.n.k=true']
 
@@ -112,6 +152,7 @@ def test_bench_ci_config_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["results"]) == {"chatterbot-tiny", "bigbench-tiny"}
+    assert doc["targets"]["chatterbot-tiny"] == 0.25  # settings.target, not the runs' target_accuracy 0.2
     gen = doc["results"]["bigbench-tiny"]
     assert set(gen) == {"fedavg", "fmd", "fmq", "fmes", "flux"}
     assert doc["targets"]["bigbench-tiny"] == pytest.approx(  # the stated rule, from fedavg's runs
