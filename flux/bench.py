@@ -149,11 +149,9 @@ def _median_reaching(xs: list) -> Optional[float]:
     """Median over every seed of a time-to-target, a seed that never reached counting as
     infinitely late (None when that is the median): dropping those seeds would credit a method
     that misses on some seeds with the mean of its lucky ones."""
-    ranked = sorted((math.inf if x is None else x) for x in xs)
-    if not ranked:
+    if not xs:
         return None
-    n = len(ranked)
-    mid = ranked[n // 2] if n % 2 else (ranked[n // 2 - 1] + ranked[n // 2]) / 2
+    mid = statistics.median(math.inf if x is None else x for x in xs)
     return None if math.isinf(mid) else mid
 
 
