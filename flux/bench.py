@@ -11,20 +11,26 @@ Config (TOML, e.g. ``benchmarks/tta.toml``)::
     name = "multiemo-mixtral"
     target_from_fedavg = 0.95   # or target = 0.486 (stated); neither: the runs' target_accuracy
     target_metric = "accuracy"  # or "loss"
+    time_budget_from_fedavg = 48  # optional: the other methods get fedavg's simulated time (same
+                                  # seed) instead of its rounds, at most 48 rounds
     [settings.config]           # RunConfig keys of this setting (dotted or nested)
     dataset.name = "multiemo"
 
 Every (setting, method, seed) is one ``flux run`` into ``DIR/runs/<setting>/<method>/seed<s>``
 (already finished runs are reused, so an interrupted bench continues where it stopped).  Results:
 ``DIR/results.json`` ({setting: {method: {reached, rounds_to_target, tta_sim_s, tta_wall_s,
-final_accuracy, peak_memory_bytes, bytes_moved, ...}}}, medians over seeds), ``DIR/table.md`` and
-``DIR/tta.png`` (accuracy over simulated time, one curve per method, the target as a line).
+final_accuracy, peak_memory_bytes, bytes_moved, ...}}}, medians over seeds, plus each seed's
+``tta_sim_s_per_seed``; ``flux_vs_baselines`` holds FLUX's speedup over the fastest baseline with
+its paired bootstrap interval over seeds), ``DIR/table.md`` and ``DIR/tta.png`` (accuracy over
+simulated time, one curve per method, the target as a line).  ``flux bench --seeds 0,1,2,3,4``
+replaces the config's seeds (runs of seeds already done are reused).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -38,6 +44,11 @@ from flux.methods.registry import method_names, method_problem
 # what a setting's target is measured on, and whether higher is better: test accuracy, or the
 # held-out loss (generative settings whose multiple-choice accuracy a small model cannot move)
 TARGET_METRICS: dict[str, bool] = {"accuracy": True, "loss": False}
+
+SETTING_KEYS = ("name", "config", "target", "target_from_fedavg", "target_metric", "time_budget_from_fedavg")
+
+# coverage of the paired bootstrap interval reported with FLUX's speedup (speedup_interval)
+SPEEDUP_INTERVAL_LEVEL = 0.9
 
 
 def _metric_of(setting: dict) -> str:
@@ -72,7 +83,9 @@ def overrides_of(*tables: dict) -> list[str]:
     return out
 
 
-def load_bench_config(path: str | Path, *, methods: Optional[Sequence[str]] = None) -> dict:
+def load_bench_config(path: str | Path, *, methods: Optional[Sequence[str]] = None,
+                      seeds: Optional[Sequence[int]] = None) -> dict:
+    """The bench config at ``path``, validated; ``methods`` / ``seeds`` replace the config's lists."""
     with open(path, "rb") as fh:
         raw = tomllib.load(fh)
     unknown = set(raw) - {"methods", "seeds", "base", "settings"}
@@ -82,17 +95,18 @@ def load_bench_config(path: str | Path, *, methods: Optional[Sequence[str]] = No
     bad = {m: method_problem(m) for m in chosen if method_problem(m)}
     if bad:
         raise BenchConfigError("methods: " + "; ".join(bad.values()))
-    seeds = raw.get("seeds", [0])
+    seeds = list(seeds) if seeds is not None else raw.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise BenchConfigError(f"seeds: must be a non-empty list of ints, got {seeds!r}")
     settings = raw.get("settings") or [{"name": "default", "config": {}}]
     for i, s in enumerate(settings):
         if "name" not in s:
             raise BenchConfigError(f"settings[{i}].name is missing")
-        unknown_keys = set(s) - {"name", "config", "target", "target_from_fedavg", "target_metric"}
+        unknown_keys = set(s) - set(SETTING_KEYS)
         if unknown_keys:
-            raise BenchConfigError(f"settings[{i}]: unknown key(s) {sorted(unknown_keys)}; known: name, config, "
-                                   "target, target_from_fedavg, target_metric")
+            raise BenchConfigError(f"settings[{i}]: unknown key(s) {sorted(unknown_keys)}; known: "
+                                   + ", ".join(SETTING_KEYS))
+        _check_time_budget(s, i, chosen)
         if s.get("target_metric", "accuracy") not in TARGET_METRICS:
             raise BenchConfigError(f"settings[{i}].target_metric must be one of {list(TARGET_METRICS)}, "
                                    f"got {s.get('target_metric')!r}")
@@ -103,6 +117,18 @@ def load_bench_config(path: str | Path, *, methods: Optional[Sequence[str]] = No
             raise BenchConfigError(f"settings[{i}].target_from_fedavg needs fedavg among the methods")
         _check_stated_target(s, i)
     return {"methods": chosen, "seeds": seeds, "base": raw.get("base", {}), "settings": settings}
+
+
+def _check_time_budget(setting: dict, i: int, methods: Sequence[str]) -> None:
+    """``time_budget_from_fedavg = N``: every other method runs until the simulated time of
+    fedavg's run with the same seed is spent, or N rounds (the cap; >= 1)."""
+    cap = setting.get("time_budget_from_fedavg")
+    if cap is None:
+        return
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+        raise BenchConfigError(f"settings[{i}].time_budget_from_fedavg must be a round cap (int >= 1), got {cap!r}")
+    if "fedavg" not in methods:
+        raise BenchConfigError(f"settings[{i}].time_budget_from_fedavg needs fedavg among the methods")
 
 
 def _check_stated_target(setting: dict, i: int) -> None:
@@ -121,17 +147,44 @@ def _check_stated_target(setting: dict, i: int) -> None:
         raise BenchConfigError(f"settings[{i}].target must be a loss > 0, got {value!r}")
 
 
-def run_one(setting: dict, base: dict, method: str, seed: int, out: Path, *, progress: bool) -> dict:
-    """One run (reused if its summary exists); returns summary + per-round metrics."""
-    from flux.federation.config import load_config
+def run_one(setting: dict, base: dict, method: str, seed: int, out: Path, *, progress: bool,
+            sets: Sequence[str] = ()) -> dict:
+    """One run (reused if its summary exists and it ran this very config); returns summary +
+    per-round metrics.  ``sets``: ``KEY=VALUE`` overrides applied last (``flux bench --set``)."""
     from flux.federation.metrics import read_metrics
     from flux.federation.runner import run
 
-    if not (out / "summary.json").exists():
-        cfg = load_config(None, overrides_of(base, setting.get("config", {}), {"method": method, "seed": seed}))
+    cfg = run_config(setting, base, method, seed, sets)
+    if (out / "summary.json").exists():
+        _check_reused(out, cfg)
+    else:
         resume = (out / "checkpoints").exists()
         run(cfg, out, resume=resume, progress=progress)
     return {"summary": json.loads((out / "summary.json").read_text()), "metrics": read_metrics(out)}
+
+
+def run_config(setting: dict, base: dict, method: str, seed: int, sets: Sequence[str] = ()):
+    """The RunConfig of one (setting, method, seed): defaults <- ``base`` <- the setting's table
+    <- method and seed <- ``sets``."""
+    from flux.federation.config import load_config
+
+    return load_config(None, overrides_of(base, setting.get("config", {}), {"method": method, "seed": seed})
+                       + list(sets))
+
+
+def _check_reused(out: Path, cfg) -> None:
+    """A finished run is reused only for the config it ran (its ``config.toml``, read with
+    today's defaults for keys it predates): reusing it for another (a changed bench config or
+    ``--set``) would report one config's numbers under another's name."""
+    from flux.federation.config import config_to_dict, load_config
+
+    had, want = [], []
+    _flatten("", config_to_dict(load_config(str(out / "config.toml"))), had)
+    _flatten("", config_to_dict(cfg), want)
+    differ = sorted({kv.split("=", 1)[0] for kv in set(had) ^ set(want)})
+    if differ:
+        raise BenchConfigError(f"{out} holds a finished run of another config (differs in {', '.join(differ)}); "
+                               "bench into another --out, or delete that run to redo it")
 
 
 def _median(xs: list) -> Optional[float]:
@@ -175,6 +228,8 @@ def summarize(runs: list[dict], target: float, metric: str = "accuracy") -> dict
         "rounds_to_target": _median_reaching(rounds),
         "tta_sim_s": _median_reaching(tta_sim),
         "tta_wall_s": _median_reaching(tta_wall),
+        # per seed, in the bench's seed order (None: never reached), for paired comparisons
+        "tta_sim_s_per_seed": tta_sim,
         "final_loss": _median([final_value(r, "loss") for r in runs]),
         "base_loss": _median([(r["summary"].get("base") or {}).get("loss") for r in runs]),
         "final_accuracy": _median([r["summary"]["final_accuracy"] for r in runs]),
@@ -204,6 +259,56 @@ def _binomial_se(runs: list[dict]) -> Optional[float]:
     return (p * (1 - p) / n) ** 0.5
 
 
+def _ratio_of_medians(base: list[float], flux: list[float]) -> Optional[float]:
+    """median(base) / median(flux) with never = inf: inf when only the baseline never reaches,
+    0 when only FLUX never does, None when neither does (no time to compare)."""
+    b, f = statistics.median(base), statistics.median(flux)
+    if math.isinf(b) and math.isinf(f):
+        return None
+    return math.inf if math.isinf(b) else 0.0 if math.isinf(f) else b / f
+
+
+def speedup_interval(base: Optional[Sequence[Optional[float]]], flux: Optional[Sequence[Optional[float]]], *,
+                     level: float = SPEEDUP_INTERVAL_LEVEL, draws: int = 2000,
+                     seed: int = 0) -> Optional[list[Optional[float]]]:
+    """Paired bootstrap interval of FLUX's time-to-target speedup over seeds.
+
+    Seeds are paired (the same seed gives every method the same data, partition and participant
+    sampling), so each draw resamples seed *indices* with replacement and takes
+    median(baseline) / median(FLUX) over them, a never-reached seed counting as infinitely late.
+
+    Args:
+        base, flux: per seed, the simulated time-to-target (None: never), same seed order.
+        level: central coverage of the interval, in (0, 1).
+        draws: bootstrap resamples; ``seed``: their random stream (the interval is reproducible).
+
+    Returns:
+        [low, high] (high None: unbounded, i.e. in the upper tail the baseline never reached);
+        None with fewer than 3 paired seeds (too few for an interval) or when neither reached.
+    """
+    if base is None or flux is None or len(base) != len(flux) or len(base) < 3:
+        return None
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    b = [math.inf if x is None else float(x) for x in base]
+    f = [math.inf if x is None else float(x) for x in flux]
+    rng = random.Random(seed)
+    n = len(b)
+    ratios = []
+    for _ in range(draws):
+        idx = [rng.randrange(n) for _ in range(n)]
+        r = _ratio_of_medians([b[i] for i in idx], [f[i] for i in idx])
+        if r is not None:
+            ratios.append(r)
+    if not ratios:
+        return None
+    ratios.sort()
+    tail = (1 - level) / 2
+    lo = ratios[min(len(ratios) - 1, int(math.floor(tail * len(ratios))))]
+    hi = ratios[min(len(ratios) - 1, int(math.ceil((1 - tail) * len(ratios))) - 1)]
+    return [lo, None if math.isinf(hi) else hi]
+
+
 def speedups(results: dict) -> dict:
     """Per setting: FLUX's simulated TTA speedup over the fastest baseline (fmd/fmq/fmes) that
     reached the target, and its final-accuracy gap to fedavg."""
@@ -216,12 +321,23 @@ def speedups(results: dict) -> dict:
         if flux_r and flux_r["reached"] and best:
             entry["flux_speedup_sim"] = best[1]["tta_sim_s"] / flux_r["tta_sim_s"]
             entry["flux_speedup_wall"] = best[1]["tta_wall_s"] / flux_r["tta_wall_s"]
+            interval = speedup_interval(best[1].get("tta_sim_s_per_seed"), flux_r.get("tta_sim_s_per_seed"))
+            if interval is not None:
+                entry["flux_speedup_sim_interval"] = interval
         if flux_r and "fedavg" in by_method and flux_r["final_accuracy"] is not None:
             entry["flux_minus_fedavg_final_accuracy"] = flux_r["final_accuracy"] - by_method["fedavg"]["final_accuracy"]
         if flux_r and "fedavg" in by_method and None not in (flux_r.get("final_loss"), by_method["fedavg"].get("final_loss")):
             entry["flux_minus_fedavg_final_loss"] = flux_r["final_loss"] - by_method["fedavg"]["final_loss"]
         out[setting] = entry
     return out
+
+
+def _interval_text(interval: Optional[list]) -> str:
+    if interval is None:
+        return ""
+    lo, hi = interval
+    return (f"; {SPEEDUP_INTERVAL_LEVEL:.0%} paired bootstrap interval over seeds {lo:.2f}x to "
+            + ("unbounded" if hi is None else f"{hi:.2f}x"))
 
 
 def bench_table(results: dict, gains: dict, targets: dict) -> str:
@@ -253,7 +369,8 @@ def bench_table(results: dict, gains: dict, targets: dict) -> str:
             lines.append(f"\nTest-set standard error of one accuracy: {se_test * 100:.1f} points.")
         if "flux_speedup_sim" in g:
             lines.append(f"FLUX vs best baseline ({g['best_baseline']}): {g['flux_speedup_sim']:.2f}x faster "
-                         f"(simulated), {g['flux_speedup_wall']:.2f}x (wall).")
+                         f"(simulated{_interval_text(g.get('flux_speedup_sim_interval'))}), "
+                         f"{g['flux_speedup_wall']:.2f}x (wall).")
         elif g.get("best_baseline") is None:
             lines.append("No baseline reached the target.")
         else:
@@ -342,56 +459,91 @@ def prepare_settings(bench: dict, *, progress: bool) -> None:
 
 
 def _run_one_quiet(args: tuple) -> dict:
-    setting, base, method, seed, out = args
-    return run_one(setting, base, method, seed, out, progress=False)
+    setting, base, method, seed, out, sets = args
+    return run_one(setting, base, method, seed, out, progress=False, sets=sets)
 
 
-def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional[Sequence[str]] = None,
-              progress: bool = True, jobs: int = 1) -> dict:
-    """Run every (setting, method, seed); ``jobs`` > 1 runs that many in parallel processes
-    (deterministic runs are single-threaded, so ``jobs`` = cores uses the machine)."""
-    from flux.federation.config import load_config
-    from flux.federation.metrics import write_json_atomic
+def _with_time_budget(task: tuple, fedavg_summary: dict) -> tuple:
+    """``task`` with its setting's time budget: fedavg's simulated seconds on the same seed, and
+    the setting's round cap."""
+    setting, base, method, seed, run_dir, sets = task
+    cap = setting["time_budget_from_fedavg"]
+    budget = float(fedavg_summary["sim_s"])
+    return (setting, base, method, seed, run_dir, tuple(sets) + (f"rounds={cap}", f"sim_budget_s={budget!r}"))
 
-    bench = load_bench_config(config_path, methods=methods)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results, curves, targets = {}, {}, {}
-    t0 = time.perf_counter()
-    tasks = []
-    for setting in bench["settings"]:
-        name = setting["name"]
-        # validates the setting before anything runs
-        run_target = load_config(None, overrides_of(bench["base"], setting.get("config", {}))).target_accuracy
-        targets[name] = float(setting.get("target", run_target))
-        for method in bench["methods"]:
-            for seed in bench["seeds"]:
-                run_dir = out / "runs" / name / method.replace(":", "-") / f"seed{seed}"
-                tasks.append((setting, bench["base"], method, seed, run_dir))
+
+def _run_tasks(tasks: list, *, jobs: int, progress: bool, t0: float, total: int, already: int = 0) -> dict:
+    """Run ``tasks`` (``jobs`` > 1: in that many single-threaded processes); (setting name,
+    method, seed) -> run_one's result."""
+    done: dict = {}
+    if not tasks:
+        return done
     if jobs > 1:
         import concurrent.futures as cf
         import multiprocessing as mp
 
-        prepare_settings(bench, progress=progress)
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                     initializer=_single_thread_worker) as pool:
             futures = {pool.submit(_run_one_quiet, t): t for t in tasks}
-            done = {}
             for fut in cf.as_completed(futures):
-                setting, _, method, seed, _ = futures[fut]
+                setting, _, method, seed, _, _ = futures[fut]
                 done[(setting["name"], method, seed)] = fut.result()
                 if progress:
-                    print(f"[flux bench] {len(done)}/{len(tasks)} done: {setting['name']} / {method} / seed {seed} "
-                          f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-        outcomes = [done[(t[0]["name"], t[2], t[3])] for t in tasks]
-    else:
-        outcomes = []
-        for setting, base, method, seed, run_dir in tasks:
-            if progress:
-                print(f"[flux bench] {setting['name']} / {method} / seed {seed}  ({time.perf_counter() - t0:.0f} s)",
-                      file=sys.stderr, flush=True)
-            outcomes.append(run_one(setting, base, method, seed, run_dir, progress=progress))
-    for (setting, _, method, _, _), outcome in zip(tasks, outcomes):
+                    print(f"[flux bench] {already + len(done)}/{total} done: {setting['name']} / {method} / seed "
+                          f"{seed} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        return done
+    for setting, base, method, seed, run_dir, run_sets in tasks:
+        if progress:
+            print(f"[flux bench] {setting['name']} / {method} / seed {seed}  ({time.perf_counter() - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
+        done[(setting["name"], method, seed)] = run_one(setting, base, method, seed, run_dir, progress=progress,
+                                                        sets=run_sets)
+    return done
+
+
+def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional[Sequence[str]] = None,
+              seeds: Optional[Sequence[int]] = None, sets: Sequence[str] = (), progress: bool = True,
+              jobs: int = 1) -> dict:
+    """Run every (setting, method, seed); ``jobs`` > 1 runs that many in parallel processes
+    (deterministic runs are single-threaded, so ``jobs`` = cores uses the machine).  ``sets``:
+    ``KEY=VALUE`` run-config overrides applied to every run after the config's tables (a
+    variant of a bench without a copy of its config)."""
+    from flux.federation.config import load_config
+    from flux.federation.metrics import write_json_atomic
+
+    bench = load_bench_config(config_path, methods=methods, seeds=seeds)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results, curves, targets = {}, {}, {}
+    t0 = time.perf_counter()
+    first, budgeted = [], []  # budgeted: runs whose simulated-time budget is a fedavg run's
+    for setting in bench["settings"]:
+        name = setting["name"]
+        # validates the setting before anything runs
+        run_target = load_config(None, overrides_of(bench["base"], setting.get("config", {})) + list(sets)).target_accuracy
+        targets[name] = float(setting.get("target", run_target))
+        for method in bench["methods"]:
+            for seed in bench["seeds"]:
+                run_dir = out / "runs" / name / method.replace(":", "-") / f"seed{seed}"
+                task = (setting, bench["base"], method, seed, run_dir, tuple(sets))
+                wait = setting.get("time_budget_from_fedavg") is not None and method != "fedavg"
+                (budgeted if wait else first).append(task)
+    for setting, base, method, seed, run_dir, run_sets in first:  # fail before anything runs
+        if (run_dir / "summary.json").exists():
+            _check_reused(run_dir, run_config(setting, base, method, seed, run_sets))
+    if jobs > 1:
+        prepare_settings(bench, progress=progress)
+    total = len(first) + len(budgeted)
+    done = _run_tasks(first, jobs=jobs, progress=progress, t0=t0, total=total)
+    budgeted = [_with_time_budget(t, done[(t[0]["name"], "fedavg", t[3])]["summary"]) for t in budgeted]
+    for setting, base, method, seed, run_dir, run_sets in budgeted:
+        if (run_dir / "summary.json").exists():
+            _check_reused(run_dir, run_config(setting, base, method, seed, run_sets))
+    done.update(_run_tasks(budgeted, jobs=jobs, progress=progress, t0=t0, total=total, already=len(done)))
+    tasks = sorted(first + budgeted, key=lambda t: (bench["settings"].index(t[0]), bench["methods"].index(t[2]),
+                                                    bench["seeds"].index(t[3])))
+    outcomes = [done[(t[0]["name"], t[2], t[3])] for t in tasks]
+    for (setting, _, method, _, _, _), outcome in zip(tasks, outcomes):
         name = setting["name"]
         results.setdefault(name, {}).setdefault(method, []).append(outcome)
     metrics = {setting["name"]: _metric_of(setting) for setting in bench["settings"]}
@@ -409,7 +561,8 @@ def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional
                             for m, rm in by_method.items()} for name, by_method in curves.items()}
     doc = {"results": results, "flux_vs_baselines": gains, "targets": targets, "methods": bench["methods"],
            "curves": median_curves,
-           "seeds": bench["seeds"], "config": str(config_path), "seconds": time.perf_counter() - t0}
+           "seeds": bench["seeds"], "config": str(config_path), "sets": list(sets),
+           "seconds": time.perf_counter() - t0}
     doc["target_metrics"] = metrics
     write_json_atomic(out / "results.json", doc)
     (out / "table.md").write_text(bench_table(results, gains, targets))
@@ -421,6 +574,10 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--config", default="benchmarks/tta.toml", help="bench config (TOML)")
     parser.add_argument("--out", default="runs/bench", help="output directory (runs are reused on re-run)")
     parser.add_argument("--methods", help="comma-separated subset, e.g. flux,fmd")
+    parser.add_argument("--seeds", help="comma-separated seeds replacing the config's, e.g. 0,1,2,3,4")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a run-config key in every run, after the config's tables, e.g. "
+                             "--set flux.frozen_format=int8 (repeatable)")
     parser.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                         help="runs in parallel, one process each (deterministic runs use one thread; "
                              "default: the core count, at most 4)")
@@ -428,12 +585,20 @@ def add_bench_arguments(parser) -> None:
     parser.set_defaults(func=bench_command)
 
 
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise BenchConfigError(f"--seeds must be comma-separated ints, got {text!r}") from None
+
+
 def bench_command(args) -> int:
     from flux.federation.config import ConfigError
 
     try:
+        seeds = _parse_seeds(args.seeds) if args.seeds else None
         doc = run_bench(args.config, args.out, methods=args.methods.split(",") if args.methods else None,
-                        progress=not args.quiet, jobs=args.jobs)
+                        seeds=seeds, sets=args.sets, progress=not args.quiet, jobs=args.jobs)
     except (BenchConfigError, ConfigError) as exc:
         print(f"flux bench: bad config: {exc}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ NON_EXPERT_MODES = ("frozen", "head", "tuned")
 PARTITIONS = ("iid", "dirichlet", "domain")  # flux.data.partition.SCHEMES
 MERGE_MODES = ("freq_attn", "freq", "avg")  # flux.merging.merge.MERGE_MODES
 EXPLORATION = ("zo", "backprop")
+EXPLORATION_DRAWS = ("uniform", "utility")  # flux.roles.assignment.EXPLORATION_DRAWS (a test keeps them equal)
 ASSIGNMENTS = ("round_robin",)
 LR_SCHEDULES = ("constant", "cosine")  # flux.federation.local.round_lr
 CORPUS_SOURCES = ("pydoc", "chatterbot", "bigbench")  # flux.data.corpus.SOURCES
@@ -108,6 +109,7 @@ class FluxConfig:
     epsilon_end: float = 0.9
     epsilon_rounds: int = 5
     exploration: str = "backprop"
+    exploration_draw: str = "uniform"  # or "utility" (flux.roles.assignment.EXPLORATION_DRAWS)
     zo_sigma: float = 1e-3
     zo_perturbations: int = 8
     max_tune_fraction: float = 1.0  # 1 = memory alone decides B_tune (docs/techniques.md)
@@ -146,6 +148,9 @@ class LogConfig:
 class RunConfig:
     method: str = "flux"
     rounds: int = 12
+    # 0 = none; > 0: the run also ends after the round whose simulated clock reaches this many
+    # seconds, so methods of different round costs get the same simulated time (flux bench)
+    sim_budget_s: float = 0.0
     participants: int = 8
     participants_per_round: int = 4
     local_steps: int = 8
@@ -339,6 +344,8 @@ def validate(cfg: RunConfig) -> None:
     """Range and consistency checks; raises :class:`ConfigError` naming the first bad key."""
     _check_method(cfg.method)
     _check(cfg.rounds >= 1, "rounds", f"must be >= 1, got {cfg.rounds}")
+    _check(math.isfinite(cfg.sim_budget_s) and cfg.sim_budget_s >= 0, "sim_budget_s",
+           f"must be a number of simulated seconds >= 0 (0 = no budget), got {cfg.sim_budget_s}")
     _check(cfg.participants >= 1, "participants", f"must be >= 1, got {cfg.participants}")
     _check(1 <= cfg.participants_per_round <= cfg.participants, "participants_per_round",
            f"must be in [1, participants={cfg.participants}], got {cfg.participants_per_round}")
@@ -418,6 +425,7 @@ def validate(cfg: RunConfig) -> None:
         _check(0 <= v <= 1, f"flux.{name}", f"must be in [0, 1], got {v}")
     _check(f.epsilon_rounds >= 1, "flux.epsilon_rounds", f"must be >= 1, got {f.epsilon_rounds}")
     _one_of(f.exploration, EXPLORATION, "flux.exploration")
+    _one_of(f.exploration_draw, EXPLORATION_DRAWS, "flux.exploration_draw")
     _check(math.isfinite(f.zo_sigma) and f.zo_sigma > 0, "flux.zo_sigma", f"must be > 0, got {f.zo_sigma}")
     _check(f.zo_perturbations >= 1, "flux.zo_perturbations", f"must be >= 1, got {f.zo_perturbations}")
     _check(0 < f.max_tune_fraction <= 1, "flux.max_tune_fraction", f"must be in (0, 1], got {f.max_tune_fraction}")

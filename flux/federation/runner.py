@@ -3,8 +3,10 @@
 Every rank executes the same loop on the same inputs; only the participants differ (rank r
 trains the sampled participants at positions r, r + W, ... of the round's sorted sample).  The
 server's decisions (sampling, dropout, roles, aggregation) are computed identically on every rank
-from gathered data, so no rank has to broadcast decisions, and W = 1 and W = 2 give bit-identical
-global weights in deterministic mode (single-threaded kernels, fixed summation order).
+from gathered data, so no rank has to broadcast decisions (one exception: whether a
+``sim_budget_s`` is spent, which the lead's clock decides, a rank timing its own aggregation), and
+W = 1 and W = 2 give bit-identical global weights in deterministic mode (single-threaded kernels,
+fixed summation order).
 
 A round (:meth:`Run.round`) is a short sequence of named steps; the method
 (:class:`flux.methods.api.Method`) owns the decisions and the aggregation:
@@ -155,6 +157,7 @@ class Run:
         self.trained: dict[int, Optional[set]] = {}  # this round's trained experts per participant
         self.probe_profile = None  # routing of the global model on the probe data, last evaluation
         self.state = RunState()
+        self.ended = False  # the last round ran: `rounds`, or the simulated-time budget
         self.profiler = None
         self.pending: dict[int, Any] = {}  # pid -> Future[ModelProfile] for the next round
         if resume:
@@ -179,7 +182,7 @@ class Run:
             set_rng_state(state["rng"])
         self.reporter.notice(f"resumed from round {self.state.next_round} ({self.out}/checkpoints)")
 
-    def _checkpoint(self, next_round: int, profiles: dict) -> None:
+    def _checkpoint(self, next_round: int, profiles: dict, last: bool) -> None:
         from flux.federation.checkpoint import rng_state, save_checkpoint
 
         if not self.lead:
@@ -188,7 +191,7 @@ class Run:
                  "wall_s": self.state.wall_s, "sim_s": self.state.sim_s, "profiles": profiles, "rng": rng_state(),
                  "last_sync": self.state.last_sync, "changed": self.state.changed,
                  "holdings": self.state.holdings}
-        if self.cfg.checkpoint.every and (next_round % self.cfg.checkpoint.every == 0 or next_round == self.cfg.rounds):
+        if self.cfg.checkpoint.every and (next_round % self.cfg.checkpoint.every == 0 or last):
             save_checkpoint(self.out, next_round, state, keep=self.cfg.checkpoint.keep)
 
     # ------------------------------------------------------------------ downloads
@@ -329,15 +332,22 @@ class Run:
         self._apply(r, delta, sampled, dropped)
         self.method.observe(self.ctx, r, admitted.accepted)
         timing = self._round_timing(r, admitted, time.perf_counter() - t_agg)
-        result = self._evaluate(r)
+        # the lead's clock decides (a rank times its own aggregation, so clocks differ slightly)
+        last = bool(fd.broadcast(r + 1 == self.cfg.rounds or self._budget_spent(self.state.sim_s + timing.round_s)))
+        self.ended = last
+        result = self._evaluate(r, last)
         next_profiles = self._collect_pending() if (self.pending or self.world > 1) and self.method.needs_profiles else {}
         self.state.sim_s += timing.round_s
         self.state.wall_s += time.perf_counter() - t0
         record = self._record(r, sampled, admitted, timing, result)
         self.reporter.round(record)
         self.state.profiles = next_profiles
-        self._checkpoint(r + 1, next_profiles)
+        self._checkpoint(r + 1, next_profiles, last)
         return record
+
+    def _budget_spent(self, sim_s: float) -> bool:
+        """Whether the simulated clock has reached ``sim_budget_s`` (never without a budget)."""
+        return bool(self.cfg.sim_budget_s) and sim_s >= self.cfg.sim_budget_s
 
     def _sample(self, r: int) -> tuple[list[int], set[int]]:
         """The round's sampled participants and those of them that drop out."""
@@ -474,11 +484,12 @@ class Run:
             round_s = max(round_s, cfg.faults.deadline_s)
         return RoundTiming(round_s=round_s, profile_visible_s=visible, critical_overhead_s=critical)
 
-    def _evaluate(self, r: int) -> dict:
-        """Test metrics (and routing drift) on evaluation rounds, computed on rank 0 and shared."""
+    def _evaluate(self, r: int, last: bool) -> dict:
+        """Test metrics (and routing drift) on evaluation rounds and the run's ``last`` round,
+        computed on rank 0 and shared."""
         from flux.models import evaluate
 
-        if not ((r + 1) % self.cfg.eval_every == 0 or r + 1 == self.cfg.rounds):
+        if not ((r + 1) % self.cfg.eval_every == 0 or last):
             return {"accuracy": None, "loss": None}
         result = None
         if self.lead:
@@ -523,7 +534,12 @@ class Run:
             self._evaluate_base()
         self.reporter.open_progress(cfg.rounds, self.state.next_round, cfg.method)
         try:
+            # a run resumed from the checkpoint of its budget's round has nothing left to run (the
+            # checkpoint's clock is the lead's, the same on every rank)
+            self.ended = self._budget_spent(self.state.sim_s)
             for r in range(self.state.next_round, cfg.rounds):
+                if self.ended:
+                    break
                 self.round(r)
         finally:
             self.reporter.close_progress()

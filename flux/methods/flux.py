@@ -82,7 +82,8 @@ class Flux(Method):
         utils = [self.utilities(round_idx, pid, profiles[pid]) for pid in sampled]
         budgets = [self.budgets[pid].tune for pid in sampled]
         gen = participant_generator(ctx.cfg.seed, round_idx, 0, Stream.ROLE_ASSIGNMENT)
-        roles = assign_roles(utils, budgets, round_idx=round_idx, schedule=self.schedule(ctx), generator=gen)
+        roles = assign_roles(utils, budgets, round_idx=round_idx, schedule=self.schedule(ctx), generator=gen,
+                             draw=ctx.cfg.flux.exploration_draw)
         return dict(zip(sampled, roles))
 
     def trained_experts(self, ctx: RunContext, round_idx: int, pid: int, roles: Any, profile: Any) -> set:

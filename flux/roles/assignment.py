@@ -30,6 +30,12 @@ from torch import Tensor
 
 SCHEDULES = ("linear", "cosine", "constant")
 
+# how exploration experts are drawn from the non-exploitation experts: "uniform" (every expert
+# equally likely: the paper's random exploration) or "utility" (without replacement, with
+# probability proportional to the current utility estimate, so an expert that gets none of the
+# participant's tokens, and would receive no gradient, is drawn last)
+EXPLORATION_DRAWS = ("uniform", "utility")
+
 Utilities = Union[Tensor, Sequence[Tensor], Sequence[Sequence[float]]]
 
 ROLE_NON_TUNING, ROLE_EXPLOIT, ROLE_EXPLORE = 0, 1, 2
@@ -163,6 +169,27 @@ def _per_layer(layer: Tensor, expert: Tensor, num_layers: int) -> list[Tensor]:
     return [expert[layer == l].sort().values for l in range(num_layers)]
 
 
+def _flat_index(layer: Tensor, expert: Tensor, utils: list[Tensor]) -> Tensor:
+    """Positions of (layer, expert) pairs in ``torch.cat(utils)``."""
+    offsets = torch.tensor([0] + [u.numel() for u in utils[:-1]], dtype=torch.long).cumsum(0)
+    return offsets[layer] + expert
+
+
+def _draw_by_weight(weights: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """``n`` distinct positions of ``weights`` (float64 [N], >= 0), without replacement with
+    probability proportional to weight; once the positive weights are used up, the rest uniformly."""
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    positive = torch.nonzero(weights > 0).flatten()
+    k = min(n, positive.numel())
+    first = (positive[torch.multinomial(weights[positive], k, replacement=False, generator=generator)]
+             if k else torch.zeros(0, dtype=torch.long))
+    if k == n:
+        return first
+    zero = torch.nonzero(weights <= 0).flatten()
+    return torch.cat([first, zero[torch.randperm(zero.numel(), generator=generator)[:n - k]]])
+
+
 def select_top_b(utilities: Utilities, budget: int) -> list[Tensor]:
     """Eq. 4 for one participant: the ``budget`` highest-utility experts over all layers.
 
@@ -188,6 +215,7 @@ def assign_roles(
     schedule: EpsilonSchedule | None = None,
     seed: int = 0,
     generator: torch.Generator | None = None,
+    draw: str = "uniform",
 ) -> list[RoleAssignment]:
     """Roles for every participant of a round.
 
@@ -200,17 +228,21 @@ def assign_roles(
         schedule: epsilon schedule (default :class:`EpsilonSchedule`()).
         seed: seed of the exploration draws when no ``generator`` is given.
         generator: CPU torch.Generator for the exploration draws (participants drawn in order).
+        draw: "uniform" or "utility" (:data:`EXPLORATION_DRAWS`): how the exploration experts
+            are drawn from the remaining ones.
 
     Returns:
         One :class:`RoleAssignment` per participant: ``round_half_up(epsilon * B)`` exploitation
         experts (highest utility; ties to the shallower layer, then the lower id) and the rest of
-        B drawn uniformly without replacement from all remaining experts.
+        B drawn without replacement from all remaining experts, uniformly or by utility.
 
     Raises:
         ValueError: a negative or non-int budget, a budget above the participant's expert count,
             a budget list of the wrong length, negative or non-finite utilities, epsilon out of
-            [0, 1].
+            [0, 1], an unknown ``draw``.
     """
+    if draw not in EXPLORATION_DRAWS:
+        raise ValueError(f"draw must be one of {EXPLORATION_DRAWS}, got {draw!r}")
     per_participant = list(utilities.unbind(0)) if isinstance(utilities, Tensor) else list(utilities)
     num_p = len(per_participant)
     if isinstance(budgets, numbers.Integral) and not isinstance(budgets, bool):
@@ -234,7 +266,10 @@ def assign_roles(
         n_exploit, n_explore = split_budget(budget, epsilon)
         layer, expert = _ranked(utils)
         rest = torch.arange(n_exploit, total)
-        drawn = rest[torch.randperm(rest.numel(), generator=gen)[:n_explore]]
+        if draw == "uniform":
+            drawn = rest[torch.randperm(rest.numel(), generator=gen)[:n_explore]]
+        else:
+            drawn = rest[_draw_by_weight(torch.cat(utils)[_flat_index(layer, expert, utils)][rest], n_explore, gen)]
         chosen = torch.cat([torch.arange(n_exploit), drawn])
         tuning = _per_layer(layer[chosen], expert[chosen], len(utils))
         exploration = _per_layer(layer[drawn], expert[drawn], len(utils))

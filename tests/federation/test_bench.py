@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from flux.bench import (BenchConfigError, load_bench_config, median_curve, overrides_of, speedups, summarize,
-                        target_from_fedavg)
+from flux.bench import (BenchConfigError, bench_table, load_bench_config, median_curve, overrides_of, run_bench,
+                        run_config, run_one, speedup_interval, speedups, summarize, target_from_fedavg)
+from flux.federation.config import config_to_toml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,6 +54,39 @@ def test_speedup_is_over_the_fastest_baseline_that_reached():
     g = speedups(r)["s"]
     assert g["best_baseline"] == "fmes" and g["flux_speedup_sim"] == pytest.approx(2.5)
     assert g["flux_minus_fedavg_final_accuracy"] == pytest.approx(-0.02)
+
+
+def test_speedup_interval_is_a_paired_bootstrap_over_seeds():
+    # identical ratios on every seed: every resample gives 2x
+    assert speedup_interval([20, 40, 60], [10, 20, 30]) == [2.0, 2.0]
+    # fewer than 3 paired seeds, or unpaired lists: no interval
+    assert speedup_interval([20, 40], [10, 20]) is None
+    assert speedup_interval([20, 40, 60], [10, 20]) is None
+    # mixed seeds: the interval holds the point estimate (ratio of medians) and spans the seeds' ratios
+    base, flux = [100, 200, 300, 400, 500], [50, 400, 150, 100, 1000]
+    lo, hi = speedup_interval(base, flux)
+    point = 300 / 150
+    assert lo < point < hi and lo >= min(b / f for b, f in zip(base, flux)) and hi <= max(b / f for b, f in zip(base, flux))
+    assert speedup_interval(base, flux) == [lo, hi]  # reproducible (fixed random stream)
+    # FLUX missing the target on most resamples: the low end is 0; the baseline missing: unbounded above
+    assert speedup_interval([10, 10, 10], [None, None, 5])[0] == 0.0
+    assert speedup_interval([None, None, 10], [5, 5, 5])[1] is None
+    # neither ever reached: nothing to compare
+    assert speedup_interval([None] * 3, [None] * 3) is None
+    with pytest.raises(ValueError, match="level"):
+        speedup_interval(base, flux, level=1.0)
+
+
+def test_speedups_report_the_interval_and_the_table_prints_it():
+    seeds = [(10, 40), (20, 50), (30, 60)]
+    r = {"s": {"flux": summarize([_run(f, 1, 0.6) for f, _ in seeds], 0.5),
+               "fmes": summarize([_run(b, 1, 0.6) for _, b in seeds], 0.5)}}
+    assert r["s"]["flux"]["tta_sim_s_per_seed"] == [10, 20, 30]
+    g = speedups(r)["s"]
+    assert g["flux_speedup_sim"] == pytest.approx(2.5)
+    lo, hi = g["flux_speedup_sim_interval"]
+    assert 2.0 <= lo <= 2.5 <= hi <= 4.0
+    assert f"interval over seeds {lo:.2f}x to {hi:.2f}x" in bench_table(r, speedups(r), {"s": 0.5})
 
 
 def test_standard_errors_over_seeds_and_of_the_test_set():
@@ -141,6 +175,82 @@ def test_a_stated_loss_target_is_used_as_given(tmp_path):
     assert s["reached"] and s["tta_sim_s"] == 9.0
 
 
+def test_seeds_given_on_the_command_line_replace_the_config_s(tmp_path):
+    path = tmp_path / "b.toml"
+    path.write_text('methods = ["flux"]\nseeds = [0]\n[[settings]]\nname = "s"\ntarget = 0.5\n')
+    assert load_bench_config(path)["seeds"] == [0]
+    assert load_bench_config(path, seeds=[3, 4])["seeds"] == [3, 4]
+    with pytest.raises(BenchConfigError, match="seeds"):
+        load_bench_config(path, seeds=[])
+    res = subprocess.run([sys.executable, "-m", "flux.cli", "bench", "--config", str(path), "--seeds", "1,x",
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 2 and "--seeds must be comma-separated ints" in res.stderr
+
+
+def _finished_run(run_dir: Path, cfg) -> None:
+    """A run directory as a finished `flux run` leaves it (config.toml, summary.json, metrics)."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text(config_to_toml(cfg))
+    (run_dir / "summary.json").write_text(json.dumps({"final_accuracy": 0.5}))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "accuracy": 0.5, "sim_s": 1.0, "wall_s": 1.0}) + "\n")
+
+
+def test_a_finished_run_is_reused_only_for_the_config_it_ran(tmp_path):
+    setting = {"name": "s", "config": {"rounds": 3}}
+    cfg = run_config(setting, {"participants": 4}, "flux", 1)
+    assert (cfg.rounds, cfg.participants, cfg.method, cfg.seed) == (3, 4, "flux", 1)
+    assert run_config(setting, {}, "flux", 1, ["rounds=5"]).rounds == 5  # --set comes last
+    run_dir = tmp_path / "runs" / "s" / "flux" / "seed1"
+    _finished_run(run_dir, cfg)
+    out = run_one(setting, {"participants": 4}, "flux", 1, run_dir, progress=False)
+    assert out["summary"] == {"final_accuracy": 0.5} and out["metrics"][0]["round"] == 1
+    with pytest.raises(BenchConfigError, match=r"another config \(differs in flux.exploration_draw\)"):
+        run_one(setting, {"participants": 4}, "flux", 1, run_dir, progress=False,
+                sets=["flux.exploration_draw=utility"])
+    # the whole bench refuses before running anything
+    bench = tmp_path / "b.toml"
+    bench.write_text('methods = ["flux"]\nseeds = [1, 2]\n[base]\nparticipants = 4\n'
+                     '[[settings]]\nname = "s"\ntarget = 0.5\n[settings.config]\nrounds = 3\n')
+    with pytest.raises(BenchConfigError, match="differs in flux.max_tune_fraction"):
+        run_bench(bench, tmp_path, sets=["flux.max_tune_fraction=0.5"], progress=False)
+    assert not (tmp_path / "runs" / "s" / "flux" / "seed2").exists()
+
+
+def test_a_time_budget_from_fedavg_gives_the_others_its_simulated_time(tmp_path, monkeypatch):
+    """fedavg runs first; every other method then runs with rounds = the cap and sim_budget_s =
+    the simulated seconds of fedavg's run with the same seed."""
+    import flux.bench as bench_mod
+
+    calls = []
+
+    def fake_run_one(setting, base, method, seed, out, *, progress, sets=()):
+        cfg = run_config(setting, base, method, seed, sets)
+        calls.append((method, seed, cfg.rounds, cfg.sim_budget_s))
+        sim = 1000.0 + seed if method == "fedavg" else 400.0
+        metrics = [{"round": 1, "accuracy": 0.6 if method == "flux" else 0.4, "loss": 1.0, "sim_s": sim,
+                    "wall_s": 1.0}]
+        return {"summary": {"final_accuracy": metrics[-1]["accuracy"], "best_accuracy": 0.6, "base": {"accuracy": 0.3},
+                            "peak_memory_bytes": 1, "bytes_up": 1, "bytes_down": 1, "offload_bytes": 0,
+                            "sim_s": sim, "wall_s": 1.0, "test_examples": 100}, "metrics": metrics}
+
+    monkeypatch.setattr(bench_mod, "run_one", fake_run_one)
+    monkeypatch.setattr(bench_mod, "plot_tta", lambda *a, **k: None)
+    path = tmp_path / "b.toml"
+    path.write_text('methods = ["flux", "fedavg"]\nseeds = [0, 1]\n[base]\nrounds = 12\n[[settings]]\nname = "s"\n'
+                    'target = 0.5\ntime_budget_from_fedavg = 40\n')
+    doc = run_bench(path, tmp_path / "o", progress=False)
+    assert calls[:2] == [("fedavg", 0, 12, 0.0), ("fedavg", 1, 12, 0.0)]  # its own rounds, no budget
+    assert sorted(calls[2:]) == [("flux", 0, 40, 1000.0), ("flux", 1, 40, 1001.0)]
+    assert list(doc["results"]["s"]) == ["flux", "fedavg"]  # the config's order
+    for bad, match in [("time_budget_from_fedavg = 0", "round cap"), ("time_budget_from_fedavg = true", "round cap")]:
+        path.write_text(f'methods = ["flux", "fedavg"]\n[[settings]]\nname = "s"\n{bad}\n')
+        with pytest.raises(BenchConfigError, match=match):
+            load_bench_config(path)
+    path.write_text('methods = ["flux"]\n[[settings]]\nname = "s"\ntime_budget_from_fedavg = 30\n')
+    with pytest.raises(BenchConfigError, match="needs fedavg"):
+        load_bench_config(path)
+
+
 def test_overrides_flatten_nested_tables():
     assert overrides_of({"a": 1, "d": {"name": "x", "n": {"k": True}}}) == ['a=1', 'd.name="x"', 'd.n.k=true']
 
@@ -157,6 +267,16 @@ def test_bench_ci_config_end_to_end(tmp_path):
     assert set(gen) == {"fedavg", "fmd", "fmq", "fmes", "flux"}
     assert doc["targets"]["bigbench-tiny"] == pytest.approx(  # the stated rule, from fedavg's runs
         gen["fedavg"]["base_accuracy"] + 0.95 * (gen["fedavg"]["final_accuracy"] - gen["fedavg"]["base_accuracy"]))
+    # the time budget: fedavg's 2 rounds; each other method ran until fedavg's simulated time
+    # (same seed) was spent, at most 4 rounds, and one that is cheaper per round ran more of them
+    budget = json.loads((out / "runs" / "bigbench-tiny" / "fedavg" / "seed0" / "summary.json").read_text())
+    assert budget["rounds"] == 2
+    for m in ("fmd", "fmq", "fmes", "flux"):
+        s = json.loads((out / "runs" / "bigbench-tiny" / m / "seed0" / "summary.json").read_text())
+        assert 1 <= s["rounds"] <= 4 and (s["rounds"] == 4 or s["sim_s"] >= budget["sim_s"]), m
+        if s["rounds"] > 1:  # it stopped in the round that spent the budget, not later
+            rows = (out / "runs" / "bigbench-tiny" / m / "seed0" / "metrics.jsonl").read_text().splitlines()
+            assert json.loads(rows[-2])["sim_s"] < budget["sim_s"], m
     methods = doc["results"]["chatterbot-tiny"]
     assert set(methods) == {"fedavg", "fmd", "fmq", "fmes", "flux"}
     for name, r in methods.items():

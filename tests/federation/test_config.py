@@ -105,6 +105,7 @@ def test_inline_table_override_merges_into_the_table():
     ("devices.classes=rtx4090-24gb", "devices.classes", "list"),
     ("dataset=3", "dataset", "table"),
     ("rounds=0", "rounds", ">= 1"),                           # out of range
+    ("sim_budget_s=-1", "sim_budget_s", ">= 0"),
     ("participants=0", "participants", ">= 1"),
     ("participants_per_round=9", "participants_per_round", "[1, participants=8]"),
     ("faults.dropout=1.0", "faults.dropout", "[0, 1)"),
@@ -119,6 +120,7 @@ def test_inline_table_override_merges_into_the_table():
     ("flux.epsilon_end=1.2", "flux.epsilon_end", "[0, 1]"),
     ("flux.profile_samples=-1", "flux.profile_samples", ">= 0"),
     ("flux.hide_idle_profiling=0", "flux.hide_idle_profiling", "true or false"),
+    ("flux.exploration_draw=utilty", "flux.exploration_draw", "did you mean 'utility'"),
     ("checkpoint.keep=0", "checkpoint.keep", ">= 1"),
     ("dataset.vocab_size=100", "dataset.vocab_size", ">= 259"),
     ("devices.classes=[\"rtx5090\"]", "devices.classes", "rtx"),

@@ -114,6 +114,22 @@ def test_resume_after_kill_gives_the_same_hash(single, tmp_path):
     assert summary(out)["model_sha256"] == summary(single)["model_sha256"]
 
 
+def test_a_simulated_time_budget_ends_the_run_after_the_round_that_spends_it(single, tmp_path):
+    # a budget the first round spends: one round, evaluated as the last one (eval_every = 5)
+    out = tmp_path / "budget"
+    res = run_cli("run", "--config", TINY, "--set", "sim_budget_s=1e-6", "--set", "eval_every=5",
+                  "--out", str(out), "--quiet")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1] and rows[0]["accuracy"] is not None
+    assert summary(out)["rounds"] == 1 and (out / "checkpoints").exists()
+    # a budget the run never reaches changes nothing: the same weights as without one
+    out = tmp_path / "roomy"
+    res = run_cli("run", "--config", TINY, "--set", "sim_budget_s=1e12", "--out", str(out), "--quiet")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert summary(out)["rounds"] == 3 and summary(out)["model_sha256"] == summary(single)["model_sha256"]
+
+
 def test_bad_config_exits_2_naming_the_key(tmp_path):
     res = run_cli("run", "--config", TINY, "--set", "roundz=3", "--out", str(tmp_path / "x"))
     assert res.returncode == 2 and "roundz" in res.stderr

@@ -227,6 +227,38 @@ def test_exploration_is_uniform_over_the_rest():
     assert ((counts[1:] - trials / 5).abs() < 50).all(), counts
 
 
+def test_exploration_by_utility_draws_in_proportion_and_zero_utility_last():
+    # two layers: the flat positions of (layer, expert) pairs must map to the right utilities
+    utils = [torch.tensor([9.0, 0.0, 1.0]), torch.tensor([0.0, 3.0, 0.0])]
+    counts = {(0, 1): 0, (0, 2): 0, (1, 0): 0, (1, 1): 0, (1, 2): 0}
+    gen = torch.Generator().manual_seed(0)
+    trials = 2000
+    for _ in range(trials):
+        [r] = assign_roles([utils], 2, epsilon=0.5, generator=gen, draw="utility")
+        assert r.exploitation[0].tolist() == [0] and r.exploitation[1].tolist() == []
+        [(l, e)] = [(l, int(e)) for l, x in enumerate(r.exploration) for e in x]
+        counts[(l, e)] += 1
+    # one exploration expert among utilities {1, 3} (the zeros are never drawn while a positive
+    # one is left): P = 1/4 and 3/4, 500 / 1500 +- 3 sigma (sigma ~ 19.4)
+    assert counts[(0, 1)] == counts[(1, 0)] == counts[(1, 2)] == 0
+    assert abs(counts[(0, 2)] - trials / 4) < 60 and abs(counts[(1, 1)] - 3 * trials / 4) < 60, counts
+    # more exploration experts than positive utilities: the zero-utility ones fill the rest
+    [r] = assign_roles([utils], 5, epsilon=0.2, generator=gen, draw="utility")
+    assert r.num_tuning == 5 and r.num_exploration == 4
+    # all zero: uniform among the rest, still B distinct experts
+    [r] = assign_roles([[torch.zeros(6)]], 3, epsilon=0.0, generator=gen, draw="utility")
+    assert len(set(r.tuning[0].tolist())) == 3
+    with pytest.raises(ValueError, match="draw must be one of"):
+        assign_roles([utils], 2, epsilon=0.5, draw="greedy")
+
+
+def test_the_config_knows_the_same_exploration_draws():
+    from flux.federation.config import EXPLORATION_DRAWS as CONFIG_DRAWS
+    from flux.roles.assignment import EXPLORATION_DRAWS
+
+    assert CONFIG_DRAWS == EXPLORATION_DRAWS
+
+
 @pytest.mark.parametrize(
     "budgets, message",
     [
