@@ -283,8 +283,10 @@ def speedup_interval(base: Optional[Sequence[Optional[float]]], flux: Optional[S
         draws: bootstrap resamples; ``seed``: their random stream (the interval is reproducible).
 
     Returns:
-        [low, high] (high None: unbounded, i.e. in the upper tail the baseline never reached);
-        None with fewer than 3 paired seeds (too few for an interval) or when neither reached.
+        {"low", "high", "left_out"}: the interval (high None: unbounded, i.e. in the upper tail
+        the baseline never reached) over the draws that compare anything, and the share of draws
+        left out because neither method reached on their median seed; None with fewer than 3
+        paired seeds (too few for an interval) or when no draw compares anything.
     """
     if base is None or flux is None or len(base) != len(flux) or len(base) < 3:
         return None
@@ -306,7 +308,7 @@ def speedup_interval(base: Optional[Sequence[Optional[float]]], flux: Optional[S
     tail = (1 - level) / 2
     lo = ratios[min(len(ratios) - 1, int(math.floor(tail * len(ratios))))]
     hi = ratios[min(len(ratios) - 1, int(math.ceil((1 - tail) * len(ratios))) - 1)]
-    return [lo, None if math.isinf(hi) else hi]
+    return {"low": lo, "high": None if math.isinf(hi) else hi, "left_out": 1 - len(ratios) / draws}
 
 
 def speedups(results: dict) -> dict:
@@ -332,12 +334,14 @@ def speedups(results: dict) -> dict:
     return out
 
 
-def _interval_text(interval: Optional[list]) -> str:
+def _interval_text(interval: Optional[dict]) -> str:
     if interval is None:
         return ""
-    lo, hi = interval
-    return (f"; {SPEEDUP_INTERVAL_LEVEL:.0%} paired bootstrap interval over seeds {lo:.2f}x to "
-            + ("unbounded" if hi is None else f"{hi:.2f}x"))
+    hi = interval["high"]
+    left_out = (f", {interval['left_out']:.0%} of the resamples left out: neither reached"
+                if interval["left_out"] > 0 else "")
+    return (f"; {SPEEDUP_INTERVAL_LEVEL:.0%} paired bootstrap interval over seeds {interval['low']:.2f}x to "
+            + ("unbounded" if hi is None else f"{hi:.2f}x") + left_out)
 
 
 def bench_table(results: dict, gains: dict, targets: dict) -> str:

@@ -58,19 +58,23 @@ def test_speedup_is_over_the_fastest_baseline_that_reached():
 
 def test_speedup_interval_is_a_paired_bootstrap_over_seeds():
     # identical ratios on every seed: every resample gives 2x
-    assert speedup_interval([20, 40, 60], [10, 20, 30]) == [2.0, 2.0]
+    assert speedup_interval([20, 40, 60], [10, 20, 30]) == {"low": 2.0, "high": 2.0, "left_out": 0.0}
     # fewer than 3 paired seeds, or unpaired lists: no interval
     assert speedup_interval([20, 40], [10, 20]) is None
     assert speedup_interval([20, 40, 60], [10, 20]) is None
     # mixed seeds: the interval holds the point estimate (ratio of medians) and spans the seeds' ratios
     base, flux = [100, 200, 300, 400, 500], [50, 400, 150, 100, 1000]
-    lo, hi = speedup_interval(base, flux)
+    got = speedup_interval(base, flux)
+    lo, hi = got["low"], got["high"]
     point = 300 / 150
     assert lo < point < hi and lo >= min(b / f for b, f in zip(base, flux)) and hi <= max(b / f for b, f in zip(base, flux))
-    assert speedup_interval(base, flux) == [lo, hi]  # reproducible (fixed random stream)
+    assert speedup_interval(base, flux) == got and got["left_out"] == 0  # reproducible (fixed random stream)
     # FLUX missing the target on most resamples: the low end is 0; the baseline missing: unbounded above
-    assert speedup_interval([10, 10, 10], [None, None, 5])[0] == 0.0
-    assert speedup_interval([None, None, 10], [5, 5, 5])[1] is None
+    assert speedup_interval([10, 10, 10], [None, None, 5])["low"] == 0.0
+    assert speedup_interval([None, None, 10], [5, 5, 5])["high"] is None
+    # seeds where neither reached: the draws whose medians are both such seeds are left out, and counted
+    part = speedup_interval([None, None, 10], [None, None, 5])
+    assert part["low"] == part["high"] == 2.0 and 0.6 < part["left_out"] < 0.9  # P(median draw is a both-never seed) = 20/27
     # neither ever reached: nothing to compare
     assert speedup_interval([None] * 3, [None] * 3) is None
     with pytest.raises(ValueError, match="level"):
@@ -84,9 +88,10 @@ def test_speedups_report_the_interval_and_the_table_prints_it():
     assert r["s"]["flux"]["tta_sim_s_per_seed"] == [10, 20, 30]
     g = speedups(r)["s"]
     assert g["flux_speedup_sim"] == pytest.approx(2.5)
-    lo, hi = g["flux_speedup_sim_interval"]
+    lo, hi = g["flux_speedup_sim_interval"]["low"], g["flux_speedup_sim_interval"]["high"]
     assert 2.0 <= lo <= 2.5 <= hi <= 4.0
-    assert f"interval over seeds {lo:.2f}x to {hi:.2f}x" in bench_table(r, speedups(r), {"s": 0.5})
+    table = bench_table(r, speedups(r), {"s": 0.5})
+    assert f"interval over seeds {lo:.2f}x to {hi:.2f}x" in table and "left out" not in table
 
 
 def test_standard_errors_over_seeds_and_of_the_test_set():
