@@ -506,16 +506,22 @@ def _run_tasks(tasks: list, *, jobs: int, progress: bool, t0: float, total: int,
 
 
 def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional[Sequence[str]] = None,
-              seeds: Optional[Sequence[int]] = None, sets: Sequence[str] = (), progress: bool = True,
-              jobs: int = 1) -> dict:
+              seeds: Optional[Sequence[int]] = None, sets: Sequence[str] = (),
+              method_sets: Sequence[tuple[str, str]] = (), progress: bool = True, jobs: int = 1) -> dict:
     """Run every (setting, method, seed); ``jobs`` > 1 runs that many in parallel processes
     (deterministic runs are single-threaded, so ``jobs`` = cores uses the machine).  ``sets``:
     ``KEY=VALUE`` run-config overrides applied to every run after the config's tables (a
-    variant of a bench without a copy of its config)."""
+    variant of a bench without a copy of its config).  ``method_sets``: (method, ``KEY=VALUE``)
+    pairs applied after ``sets`` to that method's runs only, so the other methods' runs stay the
+    same config and are reused (a FLUX variant measured against the baselines' existing runs)."""
     from flux.federation.config import load_config
     from flux.federation.metrics import write_json_atomic
 
     bench = load_bench_config(config_path, methods=methods, seeds=seeds)
+    for method, _ in method_sets:
+        if method not in bench["methods"]:
+            raise BenchConfigError(f"--set-for names method {method!r}, which this bench does not run "
+                                   f"(methods: {', '.join(bench['methods'])})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results, curves, targets = {}, {}, {}
@@ -529,7 +535,8 @@ def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional
         for method in bench["methods"]:
             for seed in bench["seeds"]:
                 run_dir = out / "runs" / name / method.replace(":", "-") / f"seed{seed}"
-                task = (setting, bench["base"], method, seed, run_dir, tuple(sets))
+                run_sets = tuple(sets) + tuple(kv for m, kv in method_sets if m == method)
+                task = (setting, bench["base"], method, seed, run_dir, run_sets)
                 wait = setting.get("time_budget_from_fedavg") is not None and method != "fedavg"
                 (budgeted if wait else first).append(task)
     for setting, base, method, seed, run_dir, run_sets in first:  # fail before anything runs
@@ -566,6 +573,7 @@ def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional
     doc = {"results": results, "flux_vs_baselines": gains, "targets": targets, "methods": bench["methods"],
            "curves": median_curves,
            "seeds": bench["seeds"], "config": str(config_path), "sets": list(sets),
+           "method_sets": [list(pair) for pair in method_sets],
            "seconds": time.perf_counter() - t0}
     doc["target_metrics"] = metrics
     write_json_atomic(out / "results.json", doc)
@@ -582,6 +590,11 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run-config key in every run, after the config's tables, e.g. "
                              "--set flux.frozen_format=int8 (repeatable)")
+    parser.add_argument("--set-for", dest="method_sets", action="append", nargs=2, default=[],
+                        metavar=("METHOD", "KEY=VALUE"),
+                        help="override a run-config key in METHOD's runs only, after --set, e.g. "
+                             "--set-for flux flux.exploration_draw=utility (the other methods' "
+                             "finished runs are reused; repeatable)")
     parser.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                         help="runs in parallel, one process each (deterministic runs use one thread; "
                              "default: the core count, at most 4)")
@@ -602,7 +615,8 @@ def bench_command(args) -> int:
     try:
         seeds = _parse_seeds(args.seeds) if args.seeds else None
         doc = run_bench(args.config, args.out, methods=args.methods.split(",") if args.methods else None,
-                        seeds=seeds, sets=args.sets, progress=not args.quiet, jobs=args.jobs)
+                        seeds=seeds, sets=args.sets, method_sets=[tuple(p) for p in args.method_sets],
+                        progress=not args.quiet, jobs=args.jobs)
     except (BenchConfigError, ConfigError) as exc:
         print(f"flux bench: bad config: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ and the summary math (medians, speedup over the best baseline) is right on hand-
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -192,11 +193,16 @@ def test_seeds_given_on_the_command_line_replace_the_config_s(tmp_path):
     assert res.returncode == 2 and "--seeds must be comma-separated ints" in res.stderr
 
 
-def _finished_run(run_dir: Path, cfg) -> None:
+_FULL_SUMMARY = {"final_accuracy": 0.5, "best_accuracy": 0.5, "base": {"accuracy": 0.3}, "peak_memory_bytes": 1,
+                 "bytes_up": 1, "bytes_down": 1, "offload_bytes": 0, "sim_s": 1.0, "wall_s": 1.0,
+                 "test_examples": 100}
+
+
+def _finished_run(run_dir: Path, cfg, summary: dict | None = None) -> None:
     """A run directory as a finished `flux run` leaves it (config.toml, summary.json, metrics)."""
     run_dir.mkdir(parents=True)
     (run_dir / "config.toml").write_text(config_to_toml(cfg))
-    (run_dir / "summary.json").write_text(json.dumps({"final_accuracy": 0.5}))
+    (run_dir / "summary.json").write_text(json.dumps(summary or {"final_accuracy": 0.5}))
     (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "accuracy": 0.5, "sim_s": 1.0, "wall_s": 1.0}) + "\n")
 
 
@@ -254,6 +260,38 @@ def test_a_time_budget_from_fedavg_gives_the_others_its_simulated_time(tmp_path,
     path.write_text('methods = ["flux"]\n[[settings]]\nname = "s"\ntime_budget_from_fedavg = 30\n')
     with pytest.raises(BenchConfigError, match="needs fedavg"):
         load_bench_config(path)
+
+
+def test_set_for_changes_one_method_s_runs_and_reuses_the_others(tmp_path, monkeypatch):
+    """A FLUX variant against the baselines' finished runs: --set-for flux changes FLUX's runs
+    only, so fedavg's run directory (same config) is reused instead of refused."""
+    import flux.bench as bench_mod
+
+    ran = []
+    real_run = bench_mod.run_one
+
+    def counting_run_one(setting, base, method, seed, out, *, progress, sets=()):
+        if not (out / "summary.json").exists():
+            ran.append((method, run_config(setting, base, method, seed, sets).flux.exploration_draw))
+            _finished_run(out, run_config(setting, base, method, seed, sets), _FULL_SUMMARY)
+        return real_run(setting, base, method, seed, out, progress=progress, sets=sets)
+
+    monkeypatch.setattr(bench_mod, "run_one", counting_run_one)
+    monkeypatch.setattr(bench_mod, "plot_tta", lambda *a, **k: None)
+    path = tmp_path / "b.toml"
+    path.write_text('methods = ["fedavg", "flux"]\nseeds = [0]\n[[settings]]\nname = "s"\ntarget = 0.5\n')
+    run_bench(path, tmp_path / "o", progress=False)
+    assert ran == [("fedavg", "uniform"), ("flux", "uniform")]
+    variant = tmp_path / "v"
+    (variant / "runs" / "s").mkdir(parents=True)
+    shutil.copytree(tmp_path / "o" / "runs" / "s" / "fedavg", variant / "runs" / "s" / "fedavg")
+    doc = run_bench(path, variant, method_sets=[("flux", "flux.exploration_draw=utility")], progress=False)
+    assert ran[2:] == [("flux", "utility")]  # fedavg reused, not rerun
+    assert doc["method_sets"] == [["flux", "flux.exploration_draw=utility"]]
+    with pytest.raises(BenchConfigError, match="does not run"):
+        run_bench(path, variant, method_sets=[("fmes", "rounds=2")], progress=False)
+    with pytest.raises(BenchConfigError, match="differs in flux.exploration_draw"):  # --set changes fedavg too
+        run_bench(path, variant, sets=["flux.exploration_draw=utility"], progress=False)
 
 
 def test_overrides_flatten_nested_tables():
