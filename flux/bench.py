@@ -375,8 +375,10 @@ def bench_table(results: dict, gains: dict, targets: dict) -> str:
             lines.append(f"FLUX vs best baseline ({g['best_baseline']}): {g['flux_speedup_sim']:.2f}x faster "
                          f"(simulated{_interval_text(g.get('flux_speedup_sim_interval'))}), "
                          f"{g['flux_speedup_wall']:.2f}x (wall).")
+        elif not any(m in BASELINE_METHODS for m in by_method):
+            lines.append(f"No memory-limited baseline ({', '.join(BASELINE_METHODS)}) in this bench.")
         elif g.get("best_baseline") is None:
-            lines.append("No baseline reached the target.")
+            lines.append("No memory-limited baseline reached the target.")
         else:
             lines.append("FLUX did not reach the target.")
         if "flux_minus_fedavg_final_accuracy" in g:

@@ -95,6 +95,22 @@ def test_speedups_report_the_interval_and_the_table_prints_it():
     assert f"interval over seeds {lo:.2f}x to {hi:.2f}x" in table and "left out" not in table
 
 
+def test_the_table_says_why_there_is_no_speedup():
+    """fedavg does not fit the budget, so it is never the speed-up's reference: a bench with only
+    fedavg and FLUX says there is no memory-limited baseline, not that none reached."""
+    seeds = [10, 20, 30]
+    reached = summarize([_run(t, 1, 0.6) for t in seeds], 0.5)
+    missed = summarize([_run(None, None, 0.4) for _ in seeds], 0.5)
+    only_fedavg = {"s": {"fedavg": reached, "flux": reached}}
+    assert "No memory-limited baseline (fmd, fmq, fmes) in this bench." in bench_table(
+        only_fedavg, speedups(only_fedavg), {"s": 0.5})
+    fmes_missed = {"s": {"fmes": missed, "flux": reached}}
+    assert "No memory-limited baseline reached the target." in bench_table(
+        fmes_missed, speedups(fmes_missed), {"s": 0.5})
+    flux_missed = {"s": {"fmes": reached, "flux": missed}}
+    assert "FLUX did not reach the target." in bench_table(flux_missed, speedups(flux_missed), {"s": 0.5})
+
+
 def test_standard_errors_over_seeds_and_of_the_test_set():
     s = summarize([_run(10, 1, 0.5), _run(30, 3, 0.7), _run(20, 2, 0.6)], 0.5)
     assert s["final_accuracy_se_seeds"] == pytest.approx(0.1 / 3 ** 0.5)
