@@ -209,11 +209,6 @@ def test_seeds_given_on_the_command_line_replace_the_config_s(tmp_path):
     assert res.returncode == 2 and "--seeds must be comma-separated ints" in res.stderr
 
 
-_FULL_SUMMARY = {"final_accuracy": 0.5, "best_accuracy": 0.5, "base": {"accuracy": 0.3}, "peak_memory_bytes": 1,
-                 "bytes_up": 1, "bytes_down": 1, "offload_bytes": 0, "sim_s": 1.0, "wall_s": 1.0,
-                 "test_examples": 100}
-
-
 def _finished_run(run_dir: Path, cfg, summary: dict | None = None) -> None:
     """A run directory as a finished `flux run` leaves it (config.toml, summary.json, metrics)."""
     run_dir.mkdir(parents=True)
@@ -289,7 +284,7 @@ def test_set_for_changes_one_method_s_runs_and_reuses_the_others(tmp_path, monke
     def counting_run_one(setting, base, method, seed, out, *, progress, sets=()):
         if not (out / "summary.json").exists():
             ran.append((method, run_config(setting, base, method, seed, sets).flux.exploration_draw))
-            _finished_run(out, run_config(setting, base, method, seed, sets), _FULL_SUMMARY)
+            _finished_run(out, run_config(setting, base, method, seed, sets), _run(1.0, 1.0, 0.5)["summary"])
         return real_run(setting, base, method, seed, out, progress=progress, sets=sets)
 
     monkeypatch.setattr(bench_mod, "run_one", counting_run_one)
