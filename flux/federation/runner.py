@@ -522,6 +522,13 @@ class Run:
             "overhead_s": round(sum(c.overhead_s + c.profile_s for c in costs), 4),
             "offload_bytes": int(sum(c.offload_bytes for c in costs)),
             "lr": round_lr(self.cfg, r),
+            # per accepted participant, its simulated phases: who straggled and on what
+            "participant_s": {str(pid): {"download": round(t.download_s, 3), "profile": round(t.profile_s, 3),
+                                         "compute": round(t.compute_s, 3), "offload": round(t.offload_s, 3),
+                                         "upload": round(t.upload_s, 3)}
+                              for pid, t in admitted.times.items()},
+            "participant_bytes": {str(u.participant): {"down": int(u.costs.bytes_down), "up": int(u.costs.bytes_up)}
+                                  for u in accepted},
             "bounded": admitted.bounded,
             "delta_rms_ratio_max": (None if admitted.delta_rms_ratio_max is None
                                     else round(admitted.delta_rms_ratio_max, 4)),

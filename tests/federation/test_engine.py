@@ -70,6 +70,14 @@ def test_single_process_writes_every_output(single):
         assert 0 <= r["profile_visible_s"] <= r["round_sim_s"]
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["bytes_up"] > 0 and r["bytes_down"] > r["bytes_up"]  # merged experts never go up
+        # the per-participant breakdown adds up to the round's totals, and no participant's
+        # transfers + compute outlast the round (profiling may be hidden by staleness)
+        assert set(r["participant_s"]) == set(r["participant_bytes"]) == {str(p) for p in r["participants"]}
+        assert sum(b["up"] for b in r["participant_bytes"].values()) == r["bytes_up"]
+        assert sum(b["down"] for b in r["participant_bytes"].values()) == r["bytes_down"]
+        for t in r["participant_s"].values():
+            assert min(t.values()) >= 0 and t["download"] > 0 and t["upload"] > 0
+            assert t["download"] + t["compute"] + t["offload"] + t["upload"] <= r["round_sim_s"] + 1e-2
     assert rows[-1]["sim_s"] > rows[0]["sim_s"] > 0
     assert set(s) >= {"method", "target", "time_to_accuracy", "final_accuracy", "rounds", "model_sha256"}
 
