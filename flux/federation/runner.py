@@ -523,9 +523,8 @@ class Run:
             "offload_bytes": int(sum(c.offload_bytes for c in costs)),
             "lr": round_lr(self.cfg, r),
             # per accepted participant, its simulated phases: who straggled and on what
-            "participant_s": {str(pid): {"download": round(t.download_s, 3), "profile": round(t.profile_s, 3),
-                                         "compute": round(t.compute_s, 3), "offload": round(t.offload_s, 3),
-                                         "upload": round(t.upload_s, 3)}
+            "participant_s": {str(pid): {f.name.removesuffix("_s"): round(getattr(t, f.name), 3)
+                                         for f in dataclasses.fields(t)}
                               for pid, t in admitted.times.items()},
             "participant_bytes": {str(u.participant): {"down": int(u.costs.bytes_down), "up": int(u.costs.bytes_up)}
                                   for u in accepted},
