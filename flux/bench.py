@@ -83,9 +83,22 @@ def overrides_of(*tables: dict) -> list[str]:
     return out
 
 
+def _chosen_settings(all_settings: list, names: Optional[Sequence[str]], path) -> list:
+    """``all_settings`` restricted to ``names`` (None: all of them); an unknown name is an error
+    naming the config's settings, not a silently empty bench."""
+    if names is None:
+        return all_settings
+    known = [s.get("name") for s in all_settings]
+    missing = [n for n in names if n not in known]
+    if missing or not names:
+        raise BenchConfigError(f"--settings {','.join(names)!r}: {path} has settings {known}")
+    return [s for s in all_settings if s.get("name") in set(names)]
+
+
 def load_bench_config(path: str | Path, *, methods: Optional[Sequence[str]] = None,
-                      seeds: Optional[Sequence[int]] = None) -> dict:
-    """The bench config at ``path``, validated; ``methods`` / ``seeds`` replace the config's lists."""
+                      seeds: Optional[Sequence[int]] = None, settings: Optional[Sequence[str]] = None) -> dict:
+    """The bench config at ``path``, validated; ``methods`` / ``seeds`` replace the config's lists,
+    ``settings`` (names) keeps only those settings, in the config's order."""
     with open(path, "rb") as fh:
         raw = tomllib.load(fh)
     unknown = set(raw) - {"methods", "seeds", "base", "settings"}
@@ -98,7 +111,8 @@ def load_bench_config(path: str | Path, *, methods: Optional[Sequence[str]] = No
     seeds = list(seeds) if seeds is not None else raw.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise BenchConfigError(f"seeds: must be a non-empty list of ints, got {seeds!r}")
-    settings = raw.get("settings") or [{"name": "default", "config": {}}]
+    all_settings = raw.get("settings") or [{"name": "default", "config": {}}]
+    settings = _chosen_settings(all_settings, settings, path)
     for i, s in enumerate(settings):
         if "name" not in s:
             raise BenchConfigError(f"settings[{i}].name is missing")
@@ -509,8 +523,9 @@ def _run_tasks(tasks: list, *, jobs: int, progress: bool, t0: float, total: int,
 
 def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional[Sequence[str]] = None,
               seeds: Optional[Sequence[int]] = None, sets: Sequence[str] = (),
-              method_sets: Sequence[tuple[str, str]] = (), progress: bool = True, jobs: int = 1) -> dict:
-    """Run every (setting, method, seed); ``jobs`` > 1 runs that many in parallel processes
+              method_sets: Sequence[tuple[str, str]] = (), progress: bool = True, jobs: int = 1,
+              settings: Optional[Sequence[str]] = None) -> dict:
+    """Run every (setting, method, seed) (``settings``: only the settings of those names); ``jobs`` > 1 runs that many in parallel processes
     (deterministic runs are single-threaded, so ``jobs`` = cores uses the machine).  ``sets``:
     ``KEY=VALUE`` run-config overrides applied to every run after the config's tables (a
     variant of a bench without a copy of its config).  ``method_sets``: (method, ``KEY=VALUE``)
@@ -519,7 +534,7 @@ def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional
     from flux.federation.config import load_config
     from flux.federation.metrics import write_json_atomic
 
-    bench = load_bench_config(config_path, methods=methods, seeds=seeds)
+    bench = load_bench_config(config_path, methods=methods, seeds=seeds, settings=settings)
     for method, _ in method_sets:
         if method not in bench["methods"]:
             raise BenchConfigError(f"--set-for names method {method!r}, which this bench does not run "
@@ -588,6 +603,8 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--config", default="benchmarks/tta.toml", help="bench config (TOML)")
     parser.add_argument("--out", default="runs/bench", help="output directory (runs are reused on re-run)")
     parser.add_argument("--methods", help="comma-separated subset, e.g. flux,fmd")
+    parser.add_argument("--settings", help="comma-separated names of the config's settings to run, "
+                                           "e.g. multiemo-mixtral (default: all)")
     parser.add_argument("--seeds", help="comma-separated seeds replacing the config's, e.g. 0,1,2,3,4")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run-config key in every run, after the config's tables, e.g. "
@@ -618,7 +635,8 @@ def bench_command(args) -> int:
         seeds = _parse_seeds(args.seeds) if args.seeds else None
         doc = run_bench(args.config, args.out, methods=args.methods.split(",") if args.methods else None,
                         seeds=seeds, sets=args.sets, method_sets=[tuple(p) for p in args.method_sets],
-                        progress=not args.quiet, jobs=args.jobs)
+                        progress=not args.quiet, jobs=args.jobs,
+                        settings=args.settings.split(",") if args.settings else None)
     except (BenchConfigError, ConfigError) as exc:
         print(f"flux bench: bad config: {exc}", file=sys.stderr)
         return 2

@@ -209,6 +209,20 @@ def test_seeds_given_on_the_command_line_replace_the_config_s(tmp_path):
     assert res.returncode == 2 and "--seeds must be comma-separated ints" in res.stderr
 
 
+def test_settings_given_on_the_command_line_keep_only_those(tmp_path):
+    path = tmp_path / "b.toml"
+    path.write_text('methods = ["flux"]\n' + "".join(f'[[settings]]\nname = "{n}"\ntarget = 0.5\n'
+                                                     for n in ("a", "b", "c")))
+    assert [s["name"] for s in load_bench_config(path)["settings"]] == ["a", "b", "c"]
+    # the config's order, whatever the command line's
+    assert [s["name"] for s in load_bench_config(path, settings=["c", "a"])["settings"]] == ["a", "c"]
+    with pytest.raises(BenchConfigError, match=r"has settings \['a', 'b', 'c'\]"):
+        load_bench_config(path, settings=["a", "typo"])
+    res = subprocess.run([sys.executable, "-m", "flux.cli", "bench", "--config", str(path), "--settings", "nope",
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 2 and "has settings" in res.stderr and not (tmp_path / "o").exists()
+
+
 def _finished_run(run_dir: Path, cfg, summary: dict | None = None) -> None:
     """A run directory as a finished `flux run` leaves it (config.toml, summary.json, metrics)."""
     run_dir.mkdir(parents=True)
