@@ -88,11 +88,11 @@ def _chosen_settings(all_settings: list, names: Optional[Sequence[str]], path) -
     naming the config's settings, not a silently empty bench."""
     if names is None:
         return all_settings
-    known = [s.get("name") for s in all_settings]
+    known = [s["name"] for s in all_settings]
     missing = [n for n in names if n not in known]
     if missing or not names:
         raise BenchConfigError(f"--settings {','.join(names)!r}: {path} has settings {known}")
-    return [s for s in all_settings if s.get("name") in set(names)]
+    return [s for s in all_settings if s["name"] in set(names)]
 
 
 def load_bench_config(path: str | Path, *, methods: Optional[Sequence[str]] = None,
@@ -112,8 +112,8 @@ def load_bench_config(path: str | Path, *, methods: Optional[Sequence[str]] = No
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise BenchConfigError(f"seeds: must be a non-empty list of ints, got {seeds!r}")
     all_settings = raw.get("settings") or [{"name": "default", "config": {}}]
-    settings = _chosen_settings(all_settings, settings, path)
-    for i, s in enumerate(settings):
+    # validate the whole config first, so an error's settings[i] is the config's own index
+    for i, s in enumerate(all_settings):
         if "name" not in s:
             raise BenchConfigError(f"settings[{i}].name is missing")
         unknown_keys = set(s) - set(SETTING_KEYS)
@@ -130,7 +130,8 @@ def load_bench_config(path: str | Path, *, methods: Optional[Sequence[str]] = No
         if rule is not None and "fedavg" not in chosen:
             raise BenchConfigError(f"settings[{i}].target_from_fedavg needs fedavg among the methods")
         _check_stated_target(s, i)
-    return {"methods": chosen, "seeds": seeds, "base": raw.get("base", {}), "settings": settings}
+    return {"methods": chosen, "seeds": seeds, "base": raw.get("base", {}),
+            "settings": _chosen_settings(all_settings, settings, path)}
 
 
 def _check_time_budget(setting: dict, i: int, methods: Sequence[str]) -> None:
@@ -525,8 +526,9 @@ def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional
               seeds: Optional[Sequence[int]] = None, sets: Sequence[str] = (),
               method_sets: Sequence[tuple[str, str]] = (), progress: bool = True, jobs: int = 1,
               settings: Optional[Sequence[str]] = None) -> dict:
-    """Run every (setting, method, seed) (``settings``: only the settings of those names); ``jobs`` > 1 runs that many in parallel processes
-    (deterministic runs are single-threaded, so ``jobs`` = cores uses the machine).  ``sets``:
+    """Run every (setting, method, seed) (``settings``: only the settings of those names);
+    ``jobs`` > 1 runs that many in parallel processes (deterministic runs are single-threaded,
+    so ``jobs`` = cores uses the machine).  ``sets``:
     ``KEY=VALUE`` run-config overrides applied to every run after the config's tables (a
     variant of a bench without a copy of its config).  ``method_sets``: (method, ``KEY=VALUE``)
     pairs applied after ``sets`` to that method's runs only, so the other methods' runs stay the
