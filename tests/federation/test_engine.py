@@ -107,7 +107,8 @@ def test_resume_after_kill_gives_the_same_hash(single, tmp_path):
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 1 and (out / "checkpoints").exists():
+        # a finished checkpoint file, not just its directory (made before the first file is renamed in)
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 1 and any((out / "checkpoints").glob("round-*.ckpt")):
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
