@@ -460,9 +460,23 @@ def target_from_fedavg(fedavg_runs: Optional[list[dict]], fraction: float, metri
     return base + fraction * (final - base)
 
 
-def _single_thread_worker() -> None:
+def _single_thread_worker(parent_pid: Optional[int] = None) -> None:
     # parallel runs share the cores: one thread each (evaluation included, see workload.all_threads)
     os.environ["FLUX_MAX_THREADS"] = "1"
+    if parent_pid is not None:
+        import threading
+
+        threading.Thread(target=exit_when_orphaned, args=(parent_pid,), daemon=True,
+                         name="flux-bench-orphan-watch").start()
+
+
+def exit_when_orphaned(parent_pid: int, poll_s: float = 2.0) -> None:
+    """End this worker process once ``parent_pid`` is no longer its parent: a bench killed from
+    outside (SIGKILL, a closed terminal) must not leave its runs burning the cores.  A run it was
+    in stays resumable from its last checkpoint."""
+    while os.getppid() == parent_pid:
+        time.sleep(poll_s)
+    os._exit(1)
 
 
 def prepare_settings(bench: dict, *, progress: bool) -> None:
@@ -504,7 +518,7 @@ def _run_tasks(tasks: list, *, jobs: int, progress: bool, t0: float, total: int,
         import multiprocessing as mp
 
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                                    initializer=_single_thread_worker) as pool:
+                                    initializer=_single_thread_worker, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_run_one_quiet, t): t for t in tasks}
             for fut in cf.as_completed(futures):
                 setting, _, method, seed, _, _ = futures[fut]

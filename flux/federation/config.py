@@ -31,6 +31,7 @@ LR_SCHEDULES = ("constant", "cosine")  # flux.federation.local.round_lr
 CORPUS_SOURCES = ("pydoc", "chatterbot", "bigbench")  # flux.data.corpus.SOURCES
 PROFILE_BITS = (4, 8)
 DOWNLOAD_BITS = (0, 4, 8)  # 0 = full precision
+WIRE_BITS = (0, 4, 8)  # upload_bits / broadcast_bits (flux/federation/compression.py); 0 = full precision
 MIN_VOCAB = 259  # flux.data.tokenizer: 256 byte tokens + 3 specials
 TASKS = ("auto", "classification", "generative")  # dataset.task of a user's dataset.path
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")  # flux.models.hf.DTYPES
@@ -168,6 +169,11 @@ class RunConfig:
     # them) are fetched as int-N copies, the precision profiling reads anyway (docs/federation.md
     # "Downloads"); 0 = every tensor in full precision.  Methods that train every expert ignore it.
     download_bits: int = 4
+    # Compressed transfers, for every method alike (docs/federation.md "Compressed transfers"):
+    # participants send their deltas as int-N (upload_bits); the server applies and broadcasts
+    # each round's aggregate as an int-N delta (broadcast_bits).  0 = full precision.
+    upload_bits: int = 0
+    broadcast_bits: int = 0
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
@@ -417,6 +423,8 @@ def validate(cfg: RunConfig) -> None:
     f = cfg.flux
     _one_of(f.profile_bits, PROFILE_BITS, "flux.profile_bits")
     _one_of(cfg.download_bits, DOWNLOAD_BITS, "download_bits")
+    _one_of(cfg.upload_bits, WIRE_BITS, "upload_bits")
+    _one_of(cfg.broadcast_bits, WIRE_BITS, "broadcast_bits")
     _check(f.profile_samples >= 0, "flux.profile_samples",
            f"must be >= 0 (0 = all local samples), got {f.profile_samples}")
     _one_of(f.merge_mode, MERGE_MODES, "flux.merge_mode")

@@ -154,6 +154,7 @@ class Run:
             raise ConfigError("devices", f"{cfg.method} cannot run on these devices: {exc}") from exc
         self.sizes = self._tensor_sizes()
         self.quantized_sizes = self._quantized_expert_sizes(cfg.download_bits)
+        self.delta_sizes = self._delta_sizes(cfg.broadcast_bits)
         self.trained: dict[int, Optional[set]] = {}  # this round's trained experts per participant
         self.probe_profile = None  # routing of the global model on the probe data, last evaluation
         self.state = RunState()
@@ -225,6 +226,23 @@ class Run:
                                                  if t is not None)
         return sizes
 
+    def _delta_sizes(self, bits: int) -> dict:
+        """Packed bytes of one int-``bits`` broadcast round delta of each global tensor (the keys
+        of :meth:`_tensor_sizes`); empty when ``bits`` is 0."""
+        from flux.federation.compression import packed_bytes
+
+        if not bits:
+            return {}
+        sizes = {}
+        for l, layer in enumerate(self.work.handle.moe_layers):
+            for e in range(layer.num_experts):
+                w = layer.expert_weights(e)
+                sizes[(l, e)] = sum(packed_bytes(t.shape, bits, t.element_size())
+                                    for t in (w.gate_up, w.down, w.gate_up_bias, w.down_bias) if t is not None)
+        for name, p in self.method.dense_parameters(self.ctx).items():
+            sizes[name] = packed_bytes(p.shape, bits, p.element_size())
+        return sizes
+
     def download_bytes(self, pid: int, round_idx: int) -> int:
         """What participant ``pid`` fetches at the start of ``round_idx``: the whole model the first
         time, afterwards the global tensors changed since its last sync (it keeps its copy); with
@@ -237,12 +255,20 @@ class Run:
             return download_bytes(self.state.holdings.get(pid), full_sizes=self.sizes,
                                   quantized_sizes=self.quantized_sizes, trained=self.trained.get(pid),
                                   last_change=last_changes(self.state.changed, round_idx),
-                                  other_bytes=model_weight_bytes(self.work.model) - sum(self.sizes.values()))
+                                  other_bytes=model_weight_bytes(self.work.model) - sum(self.sizes.values()),
+                                  delta_sizes=self.delta_sizes, changed=self.state.changed, round_idx=round_idx)
         last = self.state.last_sync.get(pid)
         if last is None:
             return model_weight_bytes(self.work.model)
         keys = set().union(*(self.state.changed.get(r, set()) for r in range(last, round_idx)))
-        return int(sum(self.sizes[k] for k in keys))
+        if not self.delta_sizes:
+            return int(sum(self.sizes[k] for k in keys))
+        from flux.federation.downloads import changes_since
+
+        # it holds everything in full precision as of round `last`: the missed round deltas or
+        # the tensor, whichever is smaller
+        return int(sum(min(self.sizes[k], changes_since(self.state.changed, k, last, round_idx) * self.delta_sizes[k])
+                       for k in keys))
 
     # ------------------------------------------------------------------ profiles
     def _profile_inputs(self, pid: int, round_idx: int) -> tuple[Iterator[dict], int]:
@@ -441,6 +467,7 @@ class Run:
     def _apply(self, r: int, delta, sampled: list[int], dropped: set[int]) -> None:
         """Add the method's aggregate to the global model; record what changed (downloads)."""
         from flux.federation.aggregate import apply_expert_deltas
+        from flux.federation.compression import compress_deltas
 
         if self.quantized_sizes:
             from flux.federation.downloads import after_download, last_changes
@@ -450,15 +477,20 @@ class Run:
                 if pid not in dropped:
                     self.state.holdings[pid] = after_download(
                         self.state.holdings.get(pid), r, keys=self.sizes, trained=self.trained.get(pid),
-                        quantized_keys=self.quantized_sizes, last_change=last)
-        self.state.changed[r] = set(delta.experts) | set(delta.dense)
+                        quantized_sizes=self.quantized_sizes, last_change=last, delta_sizes=self.delta_sizes,
+                        changed=self.state.changed)
+        experts, dense_delta = delta.experts, delta.dense
+        if self.cfg.broadcast_bits:
+            # the server applies exactly the int-N delta it broadcasts (flux/federation/compression.py)
+            experts, dense_delta, _ = compress_deltas(experts, dense_delta, self.cfg.broadcast_bits)
+        self.state.changed[r] = set(experts) | set(dense_delta)
         for pid in sampled:
             if pid not in dropped:
                 self.state.last_sync[pid] = r
-        apply_expert_deltas(self.work.handle, delta.experts)
+        apply_expert_deltas(self.work.handle, experts)
         dense = self.method.dense_parameters(self.ctx)
         with torch.no_grad():
-            for name, d in delta.dense.items():
+            for name, d in dense_delta.items():
                 dense[name].add_(d.to(dense[name].dtype))
 
     def _round_timing(self, r: int, admitted: "Admission", aggregation_s: float) -> "RoundTiming":

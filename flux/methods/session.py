@@ -111,12 +111,18 @@ class ParticipantSession:
                dense_deltas: Optional[dict] = None, **costs: Any) -> Update:
         """The participant's :class:`Update` (:func:`flux.methods.uploads.make_update`): its
         dense deltas are taken here unless given; ``profile``'s seconds are its profiling cost;
-        the session's :attr:`overhead_s` is added to ``costs["overhead_s"]``."""
+        the session's :attr:`overhead_s` is added to ``costs["overhead_s"]``; with ``upload_bits``
+        the deltas are sent as int-N copies (flux/federation/compression.py) and the bytes up are
+        their packed size."""
         from flux.methods.uploads import make_update
 
+        from flux.federation.compression import compress_deltas
+
         dense = self.dense_deltas() if dense_deltas is None else dense_deltas
+        # what the server receives: with upload_bits, the int-N round trip of every delta
+        deltas, dense, wire_bytes = compress_deltas(deltas, dense, self.ctx.cfg.upload_bits)
         costs["overhead_s"] = costs.get("overhead_s", 0.0) + self.overhead_s
         if profile is not None:
             costs.setdefault("profile_s", float(getattr(profile, "seconds", 0.0)))
         return make_update(self.pid, stats, self.model, deltas, tokens, dense, peak_memory_bytes=peak_memory_bytes,
-                           **costs)
+                           bytes_up=wire_bytes, **costs)

@@ -74,7 +74,8 @@ def view_expert_deltas(handle, tokens: dict[ExpertKey, int], *, routed_only: boo
 
 def make_update(pid: int, stats, model: nn.Module, deltas: dict, tokens: dict, dense_deltas: dict, *,
                 peak_memory_bytes: int, utilities: Optional[dict] = None, profile_s: float = 0.0,
-                overhead_s: float = 0.0, offload_bytes: int = 0, **extra: float) -> Update:
+                overhead_s: float = 0.0, offload_bytes: int = 0, bytes_up: Optional[int] = None,
+                **extra: float) -> Update:
     """The :class:`Update` a participant uploads, with the costs every method reports.
 
     Args:
@@ -82,9 +83,11 @@ def make_update(pid: int, stats, model: nn.Module, deltas: dict, tokens: dict, d
         deltas: (layer, expert) -> {"gate_up" [2I, H], "down" [H, I]} weight differences.
         tokens: (layer, expert) -> tokens routed there (the aggregation weights).
         dense_deltas: name -> difference of each trained non-expert parameter.
+        bytes_up: the bytes the deltas take on the wire (None: their full-precision size).
         extra: method-specific numbers, kept in ``costs.extra``.
     """
-    bytes_up = tensor_bytes(t for d in deltas.values() for t in d.values()) + tensor_bytes(dense_deltas.values())
+    if bytes_up is None:
+        bytes_up = tensor_bytes(t for d in deltas.values() for t in d.values()) + tensor_bytes(dense_deltas.values())
     costs = LocalCosts(compute_s=stats.seconds, loss=stats.losses[-1] if stats.losses else float("nan"),
                        bytes_up=bytes_up, bytes_down=model_weight_bytes(model), peak_memory_bytes=peak_memory_bytes,
                        profile_s=profile_s, overhead_s=overhead_s, offload_bytes=offload_bytes, extra=dict(extra))

@@ -357,3 +357,37 @@ def test_bench_ci_config_end_to_end(tmp_path):
     table = (out / "table.md").read_text()
     assert all(f"| {m} |" in table for m in methods)
     assert (out / "tta.png").stat().st_size > 1000
+
+
+def test_a_worker_exits_when_the_bench_is_killed():
+    """Parallel bench workers watch their parent: SIGKILL the bench, the worker ends too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    worker = ("import os; from flux.bench import exit_when_orphaned; print(os.getpid(), flush=True); "
+              "exit_when_orphaned(os.getppid(), 0.1)")
+    bench = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {worker!r}]).wait()"
+    parent = subprocess.Popen([sys.executable, "-c", bench], stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+
+    def alive() -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+        except FileNotFoundError:
+            return False
+
+    time.sleep(0.5)
+    assert alive()  # the parent is there: it keeps running
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ended = not alive()
+    if not ended:
+        os.kill(pid, signal.SIGKILL)
+    assert ended

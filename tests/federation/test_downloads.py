@@ -23,7 +23,7 @@ def _bytes(holding, trained, changed, r, other=1000):
 
 
 def _hold(holding, trained, changed, r):
-    return after_download(holding, r, keys=FULL, trained=trained, quantized_keys=QUANT,
+    return after_download(holding, r, keys=FULL, trained=trained, quantized_sizes=QUANT,
                           last_change=last_changes(changed, r))
 
 

@@ -62,7 +62,7 @@ def tiny_context(memory: list[int] | None = None, *, steps: int = 2, seed: int =
     work = SimpleNamespace(model=model, handle=handle,
                            train=[tiny_data(16, 128, 3, seed=100 + p) for p in range(len(memory))])
     cfg = SimpleNamespace(lr=1e-3, lr_schedule="constant", dense_lr_scale=1.0, rounds=1, local_steps=steps,
-                          batch_size=4, seed=seed, non_expert="head",
+                          batch_size=4, seed=seed, non_expert="head", upload_bits=0,
                           flux=SimpleNamespace())
     devices = [SimpleNamespace(name=f"dev{p}", memory_bytes=m) for p, m in enumerate(memory)]
     return RunContext(cfg=cfg, work=work, devices=devices), work
