@@ -23,8 +23,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-#: Columns per scale (as the read-only downloads use).
-GROUP_SIZE = 64
+from flux.federation.downloads import GROUP_SIZE  # columns per scale, as the read-only copies
 
 
 def packed_bytes(shape: torch.Size | tuple, bits: int, element_size: int = 4) -> int:

@@ -154,7 +154,8 @@ class Run:
             raise ConfigError("devices", f"{cfg.method} cannot run on these devices: {exc}") from exc
         self.sizes = self._tensor_sizes()
         self.quantized_sizes = self._quantized_expert_sizes(cfg.download_bits)
-        self.delta_sizes = self._delta_sizes(cfg.broadcast_bits)
+        # per tensor, one broadcast round delta's packed bytes (empty without broadcast_bits)
+        self.delta_sizes = self._tensor_sizes(cfg.broadcast_bits) if cfg.broadcast_bits else {}
         self.trained: dict[int, Optional[set]] = {}  # this round's trained experts per participant
         self.probe_profile = None  # routing of the global model on the probe data, last evaluation
         self.state = RunState()
@@ -196,16 +197,21 @@ class Run:
             save_checkpoint(self.out, next_round, state, keep=self.cfg.checkpoint.keep)
 
     # ------------------------------------------------------------------ downloads
-    def _tensor_sizes(self) -> dict:
-        """Bytes of every global tensor a round can change: (layer, expert) and dense names."""
+    def _tensor_sizes(self, bits: int = 0) -> dict:
+        """Bytes of every global tensor a round can change: (layer, expert) and dense names; with
+        ``bits`` > 0 the packed bytes of one int-``bits`` broadcast round delta of each."""
+        from flux.federation.compression import packed_bytes
+
+        def nbytes(tensors) -> int:
+            return sum(packed_bytes(t.shape, bits, t.element_size()) for t in tensors if t is not None)
+
         sizes = {}
         for l, layer in enumerate(self.work.handle.moe_layers):
             for e in range(layer.num_experts):
                 w = layer.expert_weights(e)
-                sizes[(l, e)] = sum(t.numel() * t.element_size() for t in (w.gate_up, w.down, w.gate_up_bias,
-                                                                           w.down_bias) if t is not None)
+                sizes[(l, e)] = nbytes((w.gate_up, w.down, w.gate_up_bias, w.down_bias))
         for name, p in self.method.dense_parameters(self.ctx).items():
-            sizes[name] = p.numel() * p.element_size()
+            sizes[name] = nbytes((p,))
         return sizes
 
     def _quantized_expert_sizes(self, bits: int) -> dict:
@@ -224,23 +230,6 @@ class Run:
                     packed = sum(quantize(t.detach().float(), bits, GROUP_SIZE).nbytes for t in (w.gate_up, w.down))
                     sizes[(l, e)] = packed + sum(t.numel() * t.element_size() for t in (w.gate_up_bias, w.down_bias)
                                                  if t is not None)
-        return sizes
-
-    def _delta_sizes(self, bits: int) -> dict:
-        """Packed bytes of one int-``bits`` broadcast round delta of each global tensor (the keys
-        of :meth:`_tensor_sizes`); empty when ``bits`` is 0."""
-        from flux.federation.compression import packed_bytes
-
-        if not bits:
-            return {}
-        sizes = {}
-        for l, layer in enumerate(self.work.handle.moe_layers):
-            for e in range(layer.num_experts):
-                w = layer.expert_weights(e)
-                sizes[(l, e)] = sum(packed_bytes(t.shape, bits, t.element_size())
-                                    for t in (w.gate_up, w.down, w.gate_up_bias, w.down_bias) if t is not None)
-        for name, p in self.method.dense_parameters(self.ctx).items():
-            sizes[name] = packed_bytes(p.shape, bits, p.element_size())
         return sizes
 
     def download_bytes(self, pid: int, round_idx: int) -> int:

@@ -114,9 +114,8 @@ class ParticipantSession:
         the session's :attr:`overhead_s` is added to ``costs["overhead_s"]``; with ``upload_bits``
         the deltas are sent as int-N copies (flux/federation/compression.py) and the bytes up are
         their packed size."""
-        from flux.methods.uploads import make_update
-
         from flux.federation.compression import compress_deltas
+        from flux.methods.uploads import make_update
 
         dense = self.dense_deltas() if dense_deltas is None else dense_deltas
         # what the server receives: with upload_bits, the int-N round trip of every delta
