@@ -105,10 +105,13 @@ def test_routing_frequencies(tokenizer, corpus):
 
 
 def test_cli_trains_then_hits(tmp_path, monkeypatch, capsys):
+    # An empty cache: the corpus is the two sources that ship with installed packages, so the test
+    # does not depend on fetching the 358 MB BIG-bench sdist (the bigbench source has its own tests).
     monkeypatch.setenv("FLUX_CACHE", str(tmp_path))
     parser = add_pretrain_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--model", "deepseek-tiny", "--steps", "2", "--seq-len", "16", "--vocab-size", "512",
-                              "--batch-size", "2", "--quiet"])
+                              "--batch-size", "2", "--corpus", "pydoc,chatterbot", "--quiet"])
+    assert args.corpus == ["pydoc", "chatterbot"]
     assert args.func is pretrain_command
     assert pretrain_command(args) == 0
     assert "trained" in capsys.readouterr().out
