@@ -391,3 +391,18 @@ def test_a_worker_exits_when_the_bench_is_killed():
     if not ended:
         os.kill(pid, signal.SIGKILL)
     assert ended
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "benchmarks").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_bench_configs_are_valid(path):
+    """Every bench config we ship loads, each setting's run config validates (a misspelt key fails
+    here, not an hour into a bench), and a time-budgeted setting's round cap is at least fedavg's
+    rounds: a method with cheaper rounds must get at least as many as the reference."""
+    from flux.federation.config import load_config
+
+    bench = load_bench_config(path)
+    for setting in bench["settings"]:
+        cfg = load_config(None, overrides_of(bench["base"], setting.get("config", {})))
+        cap = setting.get("time_budget_from_fedavg")
+        if cap is not None:
+            assert cap >= cfg.rounds, f"{path.name} / {setting['name']}: cap {cap} < fedavg's {cfg.rounds} rounds"
