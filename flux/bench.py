@@ -146,6 +146,16 @@ def _check_time_budget(setting: dict, i: int, methods: Sequence[str]) -> None:
         raise BenchConfigError(f"settings[{i}].time_budget_from_fedavg needs fedavg among the methods")
 
 
+def _check_round_cap(setting: dict, fedavg_rounds: int) -> None:
+    """A time-budgeted setting's round cap is at least fedavg's rounds (``fedavg_rounds``: its run
+    config with every ``--set`` applied): a cap below them would stop a method whose rounds are
+    cheaper before it had even as many rounds as the reference, not only before fedavg's time."""
+    cap = setting.get("time_budget_from_fedavg")
+    if cap is not None and cap < fedavg_rounds:
+        raise BenchConfigError(f"setting {setting['name']!r}: time_budget_from_fedavg = {cap} caps the other methods "
+                               f"below fedavg's {fedavg_rounds} rounds; give a cap >= {fedavg_rounds}")
+
+
 def _check_stated_target(setting: dict, i: int) -> None:
     """``target``: a number stated in the config (e.g. a previous bench's fedavg-derived target, to
     measure a variant against it without rerunning fedavg); accuracy in (0, 1], loss > 0."""
@@ -563,8 +573,9 @@ def run_bench(config_path: str | Path, out_dir: str | Path, *, methods: Optional
     for setting in bench["settings"]:
         name = setting["name"]
         # validates the setting before anything runs
-        run_target = load_config(None, overrides_of(bench["base"], setting.get("config", {})) + list(sets)).target_accuracy
-        targets[name] = float(setting.get("target", run_target))
+        reference = load_config(None, overrides_of(bench["base"], setting.get("config", {})) + list(sets))
+        _check_round_cap(setting, reference.rounds)
+        targets[name] = float(setting.get("target", reference.target_accuracy))
         for method in bench["methods"]:
             for seed in bench["seeds"]:
                 run_dir = out / "runs" / name / method.replace(":", "-") / f"seed{seed}"

@@ -287,6 +287,26 @@ def test_a_time_budget_from_fedavg_gives_the_others_its_simulated_time(tmp_path,
         load_bench_config(path)
 
 
+def test_a_round_cap_below_fedavg_s_rounds_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    """The cap bounds the rounds of methods whose rounds are cheaper than fedavg's: below fedavg's
+    own rounds (from the setting's config or from --set) it would cut them short of the reference,
+    so the bench refuses it, naming the numbers, before a single run."""
+    import flux.bench as bench_mod
+
+    ran = []
+    monkeypatch.setattr(bench_mod, "run_one", lambda *a, **k: ran.append(a) or {})
+    path = tmp_path / "b.toml"
+    path.write_text('methods = ["fedavg", "flux"]\n[base]\nrounds = 12\n[[settings]]\nname = "s"\n'
+                    'time_budget_from_fedavg = 20\n[settings.config]\nrounds = 24\n')
+    with pytest.raises(BenchConfigError, match="caps the other methods below fedavg's 24 rounds"):
+        run_bench(path, tmp_path / "o", progress=False)
+    path.write_text('methods = ["fedavg", "flux"]\n[base]\nrounds = 12\n[[settings]]\nname = "s"\n'
+                    'time_budget_from_fedavg = 20\n')
+    with pytest.raises(BenchConfigError, match="below fedavg's 30 rounds"):
+        run_bench(path, tmp_path / "o", sets=["rounds=30"], progress=False)
+    assert ran == [] and not (tmp_path / "o" / "runs").exists()
+
+
 def test_set_for_changes_one_method_s_runs_and_reuses_the_others(tmp_path, monkeypatch):
     """A FLUX variant against the baselines' finished runs: --set-for flux changes FLUX's runs
     only, so fedavg's run directory (same config) is reused instead of refused."""
@@ -398,11 +418,10 @@ def test_shipped_bench_configs_are_valid(path):
     """Every bench config we ship loads, each setting's run config validates (a misspelt key fails
     here, not an hour into a bench), and a time-budgeted setting's round cap is at least fedavg's
     rounds: a method with cheaper rounds must get at least as many as the reference."""
+    from flux.bench import _check_round_cap
     from flux.federation.config import load_config
 
     bench = load_bench_config(path)
     for setting in bench["settings"]:
         cfg = load_config(None, overrides_of(bench["base"], setting.get("config", {})))
-        cap = setting.get("time_budget_from_fedavg")
-        if cap is not None:
-            assert cap >= cfg.rounds, f"{path.name} / {setting['name']}: cap {cap} < fedavg's {cfg.rounds} rounds"
+        _check_round_cap(setting, cfg.rounds)  # what run_bench checks before anything runs
