@@ -161,7 +161,7 @@ class AblationSetup:
                           "top_k": [layer.top_k for layer in self.layers],
                           "params": sum(p.numel() for p in self.model.parameters()),
                           "pretrain_final_loss": self.pretrain_info.get("final_loss")},
-                "data": {"dataset": "multiemo", "local_examples": len(self.local),
+                "data": {"dataset": "sarcasm", "local_examples": len(self.local),
                          "held_out_examples": len(self.held_out), "seq_len": seq_len}}
 
 
@@ -185,8 +185,8 @@ def _batches(data: EncodedDataset):
 
 def warm_start(preset: str | dict, *, pretrain_steps: int, examples: int, seq_len: int, seed: int,
                progress: bool) -> AblationSetup:
-    """Pretrain (cached) ``preset`` on the ablation corpus, wrap it in a MultiEmo classifier,
-    patch it, and encode ``examples`` local and ``examples // 2`` held-out MultiEmo reviews."""
+    """Pretrain (cached) ``preset`` on the ablation corpus, wrap it in a sarcasm classifier,
+    patch it, and encode ``examples`` local and ``examples // 2`` held-out headlines."""
     import flux
     from flux.data import load_dataset
     from flux.data.corpus import pretraining_corpus
@@ -199,7 +199,7 @@ def warm_start(preset: str | dict, *, pretrain_steps: int, examples: int, seq_le
     _log(f"warm start: {preset}, {pretrain_steps} steps (cached after the first run)")
     lm, info = pretrained_lm(preset, tokenizer, corpus, steps=pretrain_steps, seq_len=seq_len, seed=seed,
                              progress=progress)
-    task = load_dataset("multiemo")
+    task = load_dataset("sarcasm")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(task), generator=gen).tolist()
     labels = sorted({e.label for e in task})
@@ -434,7 +434,7 @@ def run_ablation(out_dir: str | Path, *, preset: str | dict = "mixtral-tiny", pr
     """Measure every claim; write ``ablation.json`` and ``ablation.md`` into ``out_dir``.
 
     ``preset`` is a ``flux.models`` preset name or ``{"preset": name, **config overrides}``;
-    ``examples`` the size of the participant's local data (MultiEmo reviews, seq_len tokens)."""
+    ``examples`` the size of the participant's local data (sarcasm headlines, seq_len tokens)."""
     from flux.federation.config import RunConfig
 
     engine = RunConfig()  # local round settings: the engine's defaults
@@ -525,7 +525,7 @@ def add_ablate_arguments(parser) -> None:
     parser.add_argument("--model", default="mixtral-tiny", help="model preset (flux.models.PRESETS)")
     parser.add_argument("--pretrain-steps", type=int, default=300, help="warm-start steps (cached)")
     parser.add_argument("--examples", type=int, default=200,
-                        help="a participant's local examples (MultiEmo; the default job gives each about 200)")
+                        help="a participant's local examples (sarcasm headlines; the default job gives each about 600)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=ablate_command)

@@ -8,13 +8,13 @@ Config (TOML, e.g. ``benchmarks/tta.toml``)::
     [base]                      # RunConfig keys shared by every run
     rounds = 10
     [[settings]]
-    name = "multiemo-mixtral"
+    name = "sarcasm-mixtral"
     target_from_fedavg = 0.95   # or target = 0.486 (stated); neither: the runs' target_accuracy
     target_metric = "accuracy"  # or "loss"
     time_budget_from_fedavg = 48  # optional: the other methods get fedavg's simulated time (same
                                   # seed) instead of its rounds, at most 48 rounds
     [settings.config]           # RunConfig keys of this setting (dotted or nested)
-    dataset.name = "multiemo"
+    dataset.name = "sarcasm"
 
 Every (setting, method, seed) is one ``flux run`` into ``DIR/runs/<setting>/<method>/seed<s>``
 (already finished runs are reused, so an interrupted bench continues where it stopped).  Results:
@@ -631,7 +631,7 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/bench", help="output directory (runs are reused on re-run)")
     parser.add_argument("--methods", help="comma-separated subset, e.g. flux,fmd")
     parser.add_argument("--settings", help="comma-separated names of the config's settings to run, "
-                                           "e.g. multiemo-mixtral (default: all)")
+                                           "e.g. sarcasm-mixtral (default: all)")
     parser.add_argument("--seeds", help="comma-separated seeds replacing the config's, e.g. 0,1,2,3,4")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run-config key in every run, after the config's tables, e.g. "

@@ -21,24 +21,22 @@ MultiEmo has its own loader (:func:`flux.data.sources.load_multiemo`) and is not
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import random
 import re
 import sys
 import tarfile
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
-from flux.data.cache import atomic_dir, cache_dir, file_lock
+from flux.data import task_store
 from flux.data.sources import (
     BIGBENCH_REQUIREMENT,
-    DataUnavailableError,
     _safe_relpath,
     fetch_bigbench_sdist,
 )
+from flux.data.task_store import MCExample, split_mc  # noqa: F401  (part of this module's API)
 
 # Examples kept per (sub)task: the first ones in file order, so the cache is deterministic and a few
 # huge generated tasks (intersect_geometry: 250k examples, 355 MB) stay small on disk.
@@ -111,7 +109,6 @@ NON_LANGUAGE_TASKS: tuple[str, ...] = (
 
 _TASK_MEMBER = re.compile(
     r"^[^/]+/bigbench/benchmark_tasks/(?P<task>[A-Za-z0-9_]+)/(?:(?P<sub>[A-Za-z0-9_]+)/)?task\.json$")
-_SUB_SEP = "__"  # <task>__<subtask>.jsonl; bigbench names contain no double underscore (checked)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,11 +199,9 @@ def extract_bigbench(
                         break
             if not records:
                 continue
-            stem = task if sub is None else f"{task}{_SUB_SEP}{sub}"
-            with open(dest / f"{stem}.jsonl", "w", encoding="utf-8") as fh:
-                for record in records:
-                    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            summary[task if sub is None else f"{task}/{sub}"] = {
+            name = task if sub is None else f"{task}/{sub}"  # bigbench names have no "__" (checked)
+            task_store.write_task(dest, name, records)
+            summary[name] = {
                 "examples": len(records), "source_examples": len(examples)}
     if progress:
         print(f"bigbench: done, {len(summary)} tasks", file=sys.stderr, flush=True)
@@ -228,45 +223,19 @@ def ensure_bigbench(
     per ~10% of the archive read.  Takes ~45 s (one core; decompressing 358 MB and parsing ~1.1 GB
     of JSON) and ~420 MB of disk.
     """
-    folder = cache_dir("bigbench", root=root, create=False)
-    if (folder / ".complete").is_file():
-        return folder
-    base = folder.parent
-    base.mkdir(parents=True, exist_ok=True)
-    with file_lock(base / "bigbench.lock"):
-        if (folder / ".complete").is_file():  # another process finished it while we waited
-            return folder
-        archive = Path(sdist) if sdist is not None else fetch_bigbench_sdist(root=root)
-        with atomic_dir(folder) as tmp:
-            summary = extract_bigbench(archive, tmp, progress=progress)
-            if not summary:
-                raise DataUnavailableError(f"{archive} has no BIG-bench JSON tasks")
-            (tmp / "index.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-            (tmp / ".complete").write_text(f"{BIGBENCH_REQUIREMENT}\n{len(summary)} tasks\n")
-    return folder
+    return task_store.build_task_folder(
+        "bigbench", sdist, lambda: fetch_bigbench_sdist(root=root),
+        lambda archive, tmp: extract_bigbench(archive, tmp, progress=progress), marker=BIGBENCH_REQUIREMENT, root=root)
 
 
 def bigbench_cached(root: str | os.PathLike | None = None) -> Path | None:
     """The extracted folder if it is already complete in the cache, else None (never extracts)."""
-    folder = cache_dir("bigbench", root=root, create=False)
-    return folder if (folder / ".complete").is_file() else None
+    return task_store.cached_task_folder("bigbench", root=root)
 
 
 def bigbench_task_names(root: str | os.PathLike | None = None) -> list[str]:
     """Sorted names of the extracted (sub)tasks: ``"task"`` or ``"task/subtask"``.  Extracts if needed."""
-    folder = ensure_bigbench(root=root)
-    return sorted(p.stem.replace(_SUB_SEP, "/", 1) for p in folder.glob("*.jsonl"))
-
-
-def _folder(name: str) -> str:
-    """The task folder of ``"task"`` or ``"task/subtask"``."""
-    return name.split("/", 1)[0]
-
-
-def _task_file(folder: Path, name: str) -> Path:
-    if not re.fullmatch(r"[A-Za-z0-9_]+(/[A-Za-z0-9_]+)?", name):
-        raise ValueError(f"bad BIG-bench task name {name!r}: use 'task' or 'task/subtask'")
-    return folder / f"{name.replace('/', _SUB_SEP)}.jsonl"
+    return task_store.task_names(ensure_bigbench(root=root))
 
 
 def load_bigbench_task(name: str, root: str | os.PathLike | None = None) -> list[dict]:
@@ -277,57 +246,7 @@ def load_bigbench_task(name: str, root: str | os.PathLike | None = None) -> list
     ``answer`` the index of the unique positive top score (else None), ``targets`` the task's
     ``target`` as a list, or ``[choices[answer]]`` when it has none.
     """
-    return list(_iter_task(ensure_bigbench(root=root), name))
-
-
-def _iter_task(folder: Path, name: str) -> Iterator[dict]:
-    """Records of one (sub)task read lazily, so a caller that stops early reads only a prefix."""
-    path = _task_file(folder, name)
-    if not path.is_file():
-        similar = [p.stem.replace(_SUB_SEP, "/", 1) for p in sorted(folder.glob(f"{_folder(name)}*.jsonl"))]
-        similar = [n for n in similar if _folder(n) == _folder(name)]
-        hint = f"; its folder has: {', '.join(similar[:10])}" if similar else ""
-        raise KeyError(f"no BIG-bench task {name!r} in the cache{hint}")
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
-
-
-# --------------------------------------------------------------------------------------------------
-# Multiple-choice evaluation tasks
-
-
-@dataclasses.dataclass(frozen=True)
-class MCExample:
-    """One multiple-choice question: score ``" " + choice`` after ``prompt`` for each choice.
-
-    ``answer`` indexes ``choices``; ``task`` is the (sub)task name, e.g. ``"strategyqa"``.
-    """
-
-    prompt: str
-    choices: tuple[str, ...]
-    answer: int
-    task: str
-
-
-def _mc_candidates(task: str, root: str | os.PathLike | None) -> list[MCExample]:
-    """All usable examples of one task, in file order, without repeated prompts."""
-    out, seen = [], set()
-    for record in load_bigbench_task(task, root=root):
-        choices, answer = record["choices"], record["answer"]
-        if answer is None or not 2 <= len(choices) <= 8:
-            continue
-        stripped = tuple(c.strip() for c in choices)
-        if "" in stripped or len(set(stripped)) != len(stripped):
-            continue  # an empty or repeated choice cannot be scored as a distinct continuation
-        prompt = f"{record['input'].strip()}\nAnswer:"
-        # A prompt seen twice in one task would let a test question leak into the training split.
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        out.append(MCExample(prompt, stripped, int(answer), task))
-    return out
+    return list(task_store.iter_task(ensure_bigbench(root=root), name))
 
 
 def load_mc_examples(
@@ -337,61 +256,11 @@ def load_mc_examples(
     seed: int = 0,
     root: str | os.PathLike | None = None,
 ) -> list[MCExample]:
-    """Multiple-choice examples of ``tasks``: at most ``max_per_task`` per task, seeded.
-
-    Kept: examples with a unique correct choice and 2..8 choices, the first occurrence of each
-    prompt.  Prompt format: ``f"{input.strip()}\\nAnswer:"``; the caller scores each continuation
-    ``" " + choice`` (choices are stripped of edge whitespace) and predicts the best one.  The
-    subset of each task is drawn with ``random.Random(f"{seed}:{task}")`` (so adding a task does
-    not change the others), and the result is sorted by task, then by original file position.
+    """Multiple-choice examples of BIG-bench ``tasks``: at most ``max_per_task`` per task, seeded
+    (rules: :func:`flux.data.task_store.sample_mc_examples`).
     Returns a ``list[MCExample]`` of length ``sum(min(max_per_task, usable(task)))``.
     """
-    if max_per_task < 1:
-        raise ValueError(f"max_per_task must be >= 1, got {max_per_task}")
-    result: list[MCExample] = []
-    for task in sorted(set(tasks)):
-        pool = _mc_candidates(task, root)
-        if len(pool) > max_per_task:
-            keep = sorted(random.Random(f"{seed}:{task}").sample(range(len(pool)), max_per_task))
-            pool = [pool[i] for i in keep]
-        result.extend(pool)
-    return result
-
-
-def split_mc(
-    examples: Sequence[MCExample], test_per_task: int, seed: int = 0
-) -> tuple[list[MCExample], list[MCExample]]:
-    """Per task, a seeded held-out test set of ``test_per_task`` examples; the rest is train.
-
-    Splits by position, so no example (object at a given index) is in both; input order is kept
-    within each of ``(train, test)``.  Raises ``ValueError`` when a task has no more than
-    ``test_per_task`` examples (its train split would be empty).
-    """
-    if test_per_task < 1:
-        raise ValueError(f"test_per_task must be >= 1, got {test_per_task}")
-    by_task: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        by_task.setdefault(ex.task, []).append(i)
-    test_idx: set[int] = set()
-    for task in sorted(by_task):
-        idx = by_task[task]
-        if len(idx) <= test_per_task:
-            raise ValueError(f"task {task!r} has {len(idx)} examples, need > test_per_task={test_per_task}")
-        test_idx.update(random.Random(f"{seed}:{task}:test").sample(idx, test_per_task))
-    train = [ex for i, ex in enumerate(examples) if i not in test_idx]
-    test = [ex for i, ex in enumerate(examples) if i in test_idx]
-    return train, test
-
-
-# --------------------------------------------------------------------------------------------------
-# Pretraining corpus
-
-
-def _is_english_text(text: str) -> bool:
-    """At least 20 characters, >= 95% of them ASCII (drops non-Latin scripts, emoji, IPA)."""
-    if len(text) < 20:
-        return False
-    return sum(c.isascii() for c in text) >= 0.95 * len(text)
+    return task_store.sample_mc_examples(ensure_bigbench(root=root), tasks, max_per_task=max_per_task, seed=seed)
 
 
 def pretraining_records(
@@ -412,26 +281,11 @@ def pretraining_records(
     """
     if isinstance(exclude, str):  # a bare name would otherwise be split into characters
         exclude = (exclude,)
-    banned_folders = {_folder(n) for n in exclude} | {n for n in NON_LANGUAGE_TASKS if "/" not in n}
-    banned_names = {n for n in NON_LANGUAGE_TASKS if "/" in n}
-    folder = ensure_bigbench(root=root)
-    out: list[tuple[str, str]] = []
-    for name in bigbench_task_names(root=root):
-        if _folder(name) in banned_folders or name in banned_names:
-            continue
-        used = 0
-        for record in _iter_task(folder, name):
-            targets = record["targets"]
-            text = record["input"].strip()
-            if targets and str(targets[0]).strip():
-                text = f"{text} {str(targets[0]).strip()}"
-            if not _is_english_text(text):
-                continue
-            if used + len(text) > max_chars_per_task:
-                break
-            out.append((name, text))
-            used += len(text)
-    return out
+    return task_store.text_records(
+        ensure_bigbench(root=root),
+        banned_folders={task_store.folder_of(n) for n in exclude} | {n for n in NON_LANGUAGE_TASKS if "/" not in n},
+        banned_names={n for n in NON_LANGUAGE_TASKS if "/" in n},
+        max_chars_per_task=max_chars_per_task)
 
 
 def pretraining_texts(

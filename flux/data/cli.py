@@ -9,7 +9,7 @@ from typing import Sequence
 def add_partition_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``flux partition`` options to ``parser`` (shared by flux/cli.py and partition_main)."""
     parser.add_argument("--dataset", required=True,
-                        help="multiemo | chatterbot | pydoc | a local .jsonl/.json/.csv/.tsv file")
+                        help="sarcasm | chatterbot | pydoc | multiemo (cached sdist only) | a local .jsonl/.json/.csv/.tsv file")
     parser.add_argument("--participants", type=int, default=10, help="number of participants (default 10)")
     parser.add_argument("--scheme", choices=("iid", "dirichlet", "domain"), default="dirichlet",
                         help="iid, dirichlet over labels, or by natural key (domain); default dirichlet")
@@ -36,7 +36,7 @@ def partition_command(args: argparse.Namespace) -> int:
     kwargs: dict = {}
     if args.dataset == "multiemo":
         kwargs = {"level": args.level, "fetch": not args.no_fetch}
-    elif args.dataset not in ("chatterbot", "pydoc"):
+    elif args.dataset not in ("chatterbot", "pydoc", "sarcasm"):
         kwargs = {"text_key": args.text_key, "label_key": args.label_key, "domain_key": args.domain_key}
     try:
         ds = load_dataset(args.dataset, **kwargs)

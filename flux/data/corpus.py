@@ -1,10 +1,11 @@
 """The pretraining corpus: all the offline English text there is, minus every evaluation task.
 
 Sources (``SOURCES``): ``pydoc`` (the stdlib's help topics), ``chatterbot`` (chatterbot-corpus
-dialogs) and ``bigbench`` (the text fields of the BIG-bench tasks in the cached sdist, without
-non-language tasks and without the folders of every task used for evaluation, see
-:func:`flux.data.bigbench.pretraining_records`).  MultiEmo is never pretrained on (its files ask
-not to be put into training corpora, and it is an evaluation task here).  Every
+dialogs), ``openai-evals`` (the text of the OpenAI evals registry tasks, without non-language and
+foreign-language tasks and without the folders of every task used for evaluation, see
+:func:`flux.data.openai_evals.pretraining_records`) and, where its no longer downloadable sdist is
+cached, ``bigbench`` (the same for BIG-bench, :func:`flux.data.bigbench.pretraining_records`).
+``DEFAULT_SOURCES`` are the three that install anywhere.  MultiEmo is never pretrained on.  Every
 ``heldout_every``-th record of each source is held out for the quality report (perplexity,
 routing specialisation per source).
 """
@@ -13,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-SOURCES = ("pydoc", "chatterbot", "bigbench")
+SOURCES = ("pydoc", "chatterbot", "openai-evals", "bigbench")
+DEFAULT_SOURCES = ("pydoc", "chatterbot", "openai-evals")
 
 
 @dataclasses.dataclass
@@ -31,6 +33,10 @@ class PretrainCorpus:
 
 def source_texts(source: str, *, exclude_tasks: Sequence[str] = ()) -> list[str]:
     """The texts of one source of :data:`SOURCES`."""
+    if source == "openai-evals":
+        from flux.data.openai_evals import pretraining_texts
+
+        return pretraining_texts(exclude=tuple(exclude_tasks))
     if source == "bigbench":
         from flux.data.bigbench import MC_TASKS, pretraining_texts
 
@@ -42,10 +48,11 @@ def source_texts(source: str, *, exclude_tasks: Sequence[str] = ()) -> list[str]
     raise ValueError(f"unknown corpus source {source!r}; known: {', '.join(SOURCES)}")
 
 
-def pretraining_corpus(sources: Sequence[str] = SOURCES, *, exclude_tasks: Sequence[str] = (),
+def pretraining_corpus(sources: Sequence[str] = DEFAULT_SOURCES, *, exclude_tasks: Sequence[str] = (),
                        heldout_every: int = 50) -> PretrainCorpus:
-    """The corpus of ``sources``; BIG-bench never includes :data:`flux.data.bigbench.MC_TASKS`
-    (nor ``exclude_tasks``), at the level of whole task folders."""
+    """The corpus of ``sources``; the task sources never include their evaluation tasks
+    (:data:`flux.data.openai_evals.MC_TASKS` and the sarcasm task, :data:`flux.data.bigbench.MC_TASKS`)
+    nor ``exclude_tasks``, at the level of whole task folders."""
     if heldout_every < 2:
         raise ValueError(f"heldout_every must be >= 2, got {heldout_every}")
     unknown = [s for s in sources if s not in SOURCES]

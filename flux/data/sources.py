@@ -7,10 +7,14 @@ Sources (nothing is fetched from a model/data hub):
                     label = topic key.
 * ``chatterbot`` -- the ``chatterbot-corpus`` PyPI package: YAML dialog files, one per topic
                     (English: 2,026 conversations in 21 topics); label = domain = topic.
+* ``sarcasm``    -- news headlines, sarcastic (The Onion) or not (HuffPost): the ``sarcasm`` task of
+                    the OpenAI ``evals`` wheel on PyPI, fetched into the cache at run time with pip
+                    and never committed (:mod:`flux.data.openai_evals`); label = sarcastic or not.
 * ``multiemo``   -- MultiEmo sentiment reviews (4 labels x 4 domains), shipped inside the
-                    ``bigbench==1.0.0`` sdist on PyPI.  Its files carry a canary asking not to be put
-                    into training corpora, so they are fetched into the cache at run time with pip
-                    and never committed; label = sentiment, domain = review domain.
+                    ``bigbench==1.0.0`` sdist, which PyPI no longer serves: it loads only from a
+                    cached or copied archive.  Its files carry a canary asking not to be put into
+                    training corpora, so they are never committed; label = sentiment, domain =
+                    review domain.
 * a local ``.jsonl`` / ``.json`` / ``.csv`` / ``.tsv`` file with configurable text/label/domain
   columns.
 
@@ -218,46 +222,61 @@ _MULTIEMO_MEMBER = re.compile(
 )
 
 
-def _pip_download_command(dest: Path) -> list[str]:
-    return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-            "--disable-pip-version-check", "--no-cache-dir", BIGBENCH_REQUIREMENT, "-d", str(dest)]
+def _pip_download_command(requirement: str, dest: Path, *, sdist: bool) -> list[str]:
+    kind = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+    return [sys.executable, "-m", "pip", "download", "--no-deps", *kind,
+            "--disable-pip-version-check", "--no-cache-dir", requirement, "-d", str(dest)]
 
 
-def fetch_bigbench_sdist(root: str | os.PathLike | None = None, timeout: float = 1200.0) -> Path:
-    """The ``bigbench==1.0.0`` sdist (~358 MB) in ``<cache>/downloads``, downloaded with pip once.
+def fetch_with_pip(requirement: str, filename: str, *, sdist: bool, what: str,
+                   root: str | os.PathLike | None = None, timeout: float = 1200.0) -> Path:
+    """``<cache>/downloads/<filename>``: the distribution of ``requirement`` (an sdist or a wheel,
+    as ``sdist`` says), downloaded with pip once.  ``what`` names the data in error messages.
 
     Downloads go to a temporary folder first and are renamed into place, under a lock, so a killed
     or concurrent download never leaves a partial archive where a complete one is expected.
     """
     downloads = cache_dir("downloads", root=root)
-    target = downloads / BIGBENCH_SDIST
+    target = downloads / filename
     if target.is_file():
         return target
-    with file_lock(downloads / f"{BIGBENCH_SDIST}.lock", timeout=timeout + 60):
+    with file_lock(downloads / f"{filename}.lock", timeout=timeout + 60):
         if target.is_file():  # another process finished it while we waited
             return target
         tmp = Path(tempfile.mkdtemp(prefix=".pip-download.", dir=downloads))
         try:
-            cmd = _pip_download_command(tmp)
+            cmd = _pip_download_command(requirement, tmp, sdist=sdist)
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired as exc:
                 raise DataUnavailableError(
-                    f"downloading {BIGBENCH_REQUIREMENT} from PyPI timed out after {timeout:.0f}s") from exc
-            found = list(tmp.glob("bigbench-*.tar.gz"))
+                    f"downloading {requirement} from PyPI timed out after {timeout:.0f}s") from exc
+            found = list(tmp.glob(filename))
             if proc.returncode != 0 or not found:
                 tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-5:])
+                flag = "--no-binary :all:" if sdist else "--only-binary :all:"
                 raise DataUnavailableError(
-                    f"could not download the MultiEmo data ({BIGBENCH_REQUIREMENT} sdist from PyPI; offline?).\n"
+                    f"could not download {what} ({requirement} from PyPI; offline?).\n"
                     f"  command: {' '.join(cmd)}\n  pip said: {tail}\n"
-                    f"Fix: run `python -m pip download --no-deps --no-binary :all: {BIGBENCH_REQUIREMENT} -d {downloads}` "
-                    f"on a machine that reaches PyPI (or copy {BIGBENCH_SDIST} into {downloads}), "
+                    f"Fix: run `python -m pip download --no-deps {flag} {requirement} -d {downloads}` "
+                    f"on a machine that reaches PyPI (or copy {filename} into {downloads}), "
                     f"or point $FLUX_CACHE at a cache that has it."
                 )
             os.replace(found[0], target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def fetch_bigbench_sdist(root: str | os.PathLike | None = None, timeout: float = 1200.0) -> Path:
+    """The ``bigbench==1.0.0`` sdist (~358 MB) in ``<cache>/downloads``, downloaded with pip once.
+
+    PyPI stopped serving it in December 2026 (only ``bigbench==0.0.1``, without the tasks, is
+    left): on a machine without a cached or copied archive this raises
+    :class:`DataUnavailableError`.  The default data is :mod:`flux.data.openai_evals`.
+    """
+    return fetch_with_pip(BIGBENCH_REQUIREMENT, BIGBENCH_SDIST, sdist=True, what="the BIG-bench/MultiEmo data",
+                          root=root, timeout=timeout)
 
 
 def _safe_relpath(name: str) -> str:
@@ -446,16 +465,20 @@ def load_local(path: str | os.PathLike, text_key: str = "text", label_key: str |
 
 # --------------------------------------------------------------------------------------------------
 
-SOURCES = ("multiemo", "chatterbot", "pydoc")
+SOURCES = ("sarcasm", "chatterbot", "pydoc", "multiemo")
 
 
 def load_dataset(name: str | os.PathLike, **kwargs) -> Dataset:
-    """Load a source by name (``multiemo``, ``chatterbot``, ``pydoc``) or a local file by path.
+    """Load a source by name (``sarcasm``, ``chatterbot``, ``pydoc``, ``multiemo``) or a local file by path.
 
     Keyword arguments go to the loader (e.g. ``level="sentence"`` for MultiEmo, ``text_key=`` for a
     local file).
     """
     key = str(name)
+    if key == "sarcasm":
+        from flux.data.openai_evals import load_sarcasm  # imports this module: only when asked for
+
+        return load_sarcasm(**kwargs)
     if key == "multiemo":
         return load_multiemo(**kwargs)
     if key == "chatterbot":

@@ -19,7 +19,7 @@ from torch import nn
 from flux.federation.config import RunConfig
 from flux.federation.errors import ConfigError
 
-INSTRUCTION_DATASETS = ("bigbench",)  # dataset names that mean instruction tuning (generative)
+INSTRUCTION_DATASETS = ("openai-evals", "bigbench")  # dataset names that mean instruction tuning (generative)
 
 
 @dataclasses.dataclass
@@ -71,7 +71,7 @@ class Workload:
 
 
 def task_kind(cfg: RunConfig) -> str:
-    """``"instruction"`` (BIG-bench), ``"classification"``, or for a user's ``dataset.path`` its
+    """``"instruction"`` (openai-evals, BIG-bench), ``"classification"``, or for a user's ``dataset.path`` its
     ``dataset.task`` (``"auto"`` until the data is read: :func:`build_workload` decides)."""
     if cfg.dataset.path:
         return cfg.dataset.task
@@ -105,8 +105,8 @@ def pretrain_corpus(cfg: RunConfig):
     data (a classification run on a corpus source drops that source)."""
     from flux.data.corpus import pretraining_corpus
 
-    # BIG-bench evaluation tasks are excluded task by task (whole folders), so the bigbench
-    # source stays for instruction runs; a classification dataset that is a corpus source goes
+    # evaluation tasks are excluded task by task (whole folders), so a task source stays for
+    # instruction runs; a classification dataset that is a corpus source goes
     sources = [s for s in cfg.model.corpus if s != cfg.dataset.name or task_kind(cfg) == "instruction"]
     if not sources:
         raise ValueError(f"model.corpus {cfg.model.corpus} has nothing left once the task data "
@@ -275,15 +275,17 @@ def _choice_ids(tokenizer, examples: list) -> list[list[int]]:
 
 
 def _instruction_data(cfg: RunConfig, tokenizer):
-    """BIG-bench multiple-choice tasks as prompt -> answer pairs, partitioned by task (a
-    participant holds one task's data, as in federated instruction tuning); the test set is a
-    held-out share of every task, scored by log-likelihood ranking of the choices."""
-    from flux.data.bigbench import MC_TASKS, load_mc_examples, split_mc
+    """Multiple-choice tasks (openai-evals or BIG-bench) as prompt -> answer pairs, partitioned by
+    task (a participant holds one task's data, as in federated instruction tuning); the test set is
+    a held-out share of every task, scored by log-likelihood ranking of the choices."""
+    from flux.data import bigbench, openai_evals
     from flux.data.instructions import encode_choices, encode_instructions
     from flux.data.partition import partition
+    from flux.data.task_store import split_mc
 
-    tasks = list(cfg.dataset.tasks) or list(MC_TASKS)
-    examples = fitting_examples(load_mc_examples(tasks, max_per_task=cfg.dataset.max_per_task, seed=cfg.seed),
+    source = openai_evals if cfg.dataset.name == "openai-evals" else bigbench
+    tasks = list(cfg.dataset.tasks) or list(source.MC_TASKS)
+    examples = fitting_examples(source.load_mc_examples(tasks, max_per_task=cfg.dataset.max_per_task, seed=cfg.seed),
                                 tokenizer, cfg.dataset.seq_len)
     train_ex, test_ex = split_mc(examples, cfg.dataset.test_per_task, cfg.seed)
     task_of = [e.task for e in train_ex]

@@ -21,8 +21,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default %(default)s)")
     parser.add_argument("--cache-dir", default=None, help="cache folder (default <FLUX_CACHE>/pretrain)")
     parser.add_argument("--routing", action="store_true",
-                        help="also print expert routing statistics on held-out MultiEmo text, random init vs pretrained")
-    parser.add_argument("--corpus", default="pydoc,chatterbot,bigbench", type=lambda s: [x for x in s.split(",") if x],
+                        help="also print expert routing statistics on the evaluation tasks' prompts (never pretrained on), random init vs pretrained")
+    parser.add_argument("--corpus", default="pydoc,chatterbot,openai-evals", type=lambda s: [x for x in s.split(",") if x],
                         help="pretraining sources, comma-separated (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(func=pretrain_command)
@@ -53,23 +53,25 @@ def pretrain_command(args: argparse.Namespace) -> int:
 
 def _print_routing(lm, tokenizer, args: argparse.Namespace) -> None:
     """Per-layer routing statistics of the random-init model (same seed) and the pretrained one on
-    held-out MultiEmo reviews (never pretrained on), plus the domain divergence (mean pairwise JS
-    between the four review domains' routing)."""
+    the prompts of the evaluation tasks (the openai-evals fine-tuning tasks and the sarcasm
+    headlines, never pretrained on), plus the domain divergence (mean pairwise JS between the
+    tasks' routing)."""
     from itertools import combinations
 
     from flux.data.encode import lm_blocks
-    from flux.data.sources import DataUnavailableError, load_multiemo
+    from flux.data.openai_evals import evals_cached, load_mc_examples, load_sarcasm
     from flux.models.presets import build_lm
     from flux.models.pretrain import js_divergence, routing_frequencies, routing_summary
 
-    try:
-        reviews = load_multiemo(fetch=False)
-    except DataUnavailableError as exc:
-        print(f"--routing needs MultiEmo in the cache: {exc}", file=sys.stderr)
+    if evals_cached() is None:
+        print("--routing needs the openai-evals tasks in the cache (any flux run or pretrain on the "
+              "default corpus fetches them)", file=sys.stderr)
         return
-    domains = sorted({e.domain for e in reviews})
-    by_domain = {d: lm_blocks(tokenizer, [e.text for e in reviews if e.domain == d][:200], seq_len=args.seq_len)
-                 for d in domains}
+    texts = {"sarcasm": [e.text for e in load_sarcasm()][:200]}
+    for e in load_mc_examples(max_per_task=200):
+        texts.setdefault(e.task, []).append(e.prompt)
+    domains = sorted(texts)
+    by_domain = {d: lm_blocks(tokenizer, texts[d], seq_len=args.seq_len) for d in domains}
     print("moe_layer  model       max_share  variance   entropy  domain_JS")
     for label, model in (("random", build_lm(lm.config, seed=args.seed)), ("pretrained", lm)):
         per_domain = {d: routing_frequencies(model, b) for d, b in by_domain.items()}

@@ -23,12 +23,12 @@ def test_sources_are_validated():
         pretraining_corpus(("nope",))
     with pytest.raises(ValueError, match="heldout_every"):
         pretraining_corpus(("pydoc",), heldout_every=1)
-    assert SOURCES == ("pydoc", "chatterbot", "bigbench")
+    assert SOURCES == ("pydoc", "chatterbot", "openai-evals", "bigbench")
 
 
 def test_a_classification_run_never_pretrains_on_its_own_dataset(monkeypatch):
-    """chatterbot as the task: the corpus drops it; a BIG-bench instruction run keeps the bigbench
-    source (its evaluation tasks are excluded folder by folder instead)."""
+    """chatterbot as the task: the corpus drops it; an instruction run keeps its task source
+    (openai-evals; its evaluation tasks are excluded folder by folder instead)."""
     import flux.federation.workload as workload
 
     seen = {}
@@ -41,8 +41,10 @@ def test_a_classification_run_never_pretrains_on_its_own_dataset(monkeypatch):
     cfg = load_config(None, ["dataset.name=chatterbot"])
     assert task_kind(cfg) == "classification"
     workload.pretrain_corpus(cfg)
-    assert seen["sources"] == ["pydoc", "bigbench"]
-    cfg = load_config(None, ["dataset.name=bigbench", 'dataset.tasks=["strategyqa"]'])
+    assert seen["sources"] == ["pydoc", "openai-evals"]
+    cfg = load_config(None, ["dataset.name=openai-evals", 'dataset.tasks=["crepe/samples"]'])
     assert task_kind(cfg) == "instruction"
     workload.pretrain_corpus(cfg)
-    assert seen["sources"] == ["pydoc", "chatterbot", "bigbench"] and seen["exclude"] == ("strategyqa",)
+    assert seen["sources"] == ["pydoc", "chatterbot", "openai-evals"] and seen["exclude"] == ("crepe/samples",)
+    cfg = load_config(None, ["dataset.name=bigbench", "model.corpus=[\"pydoc\", \"bigbench\"]"])
+    assert task_kind(cfg) == "instruction"  # BIG-bench from a cached sdist is still an instruction source

@@ -2,14 +2,12 @@
 seeded determinism; the natural-key split; the label table and the `flux partition` command."""
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import pytest
 
 from flux.data.partition import PartitionError, label_skew, label_table, partition
-from flux.data.sources import load_chatterbot, load_multiemo, load_pydoc
-from tests.data.test_sources import multiemo_dir  # noqa: F401  (fixture: fetches MultiEmo once; CI must)
+from flux.data.sources import load_chatterbot, load_dataset, load_pydoc
+from tests.data.test_openai_evals import evals_dir  # noqa: F401  (fixture: fetches the evals wheel once; CI must)
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +21,8 @@ def pydoc():
 
 
 @pytest.fixture(scope="module")
-def multiemo(multiemo_dir):  # noqa: F811 (the imported fixture, requested by name)
-    return load_multiemo()
+def sarcasm(evals_dir):  # noqa: F811 (the imported fixture, requested by name)
+    return load_dataset("sarcasm")
 
 
 def check_exact_cover(parts, n):
@@ -104,17 +102,16 @@ def test_domain_scheme_needs_domains(pydoc):
         partition(pydoc.labels, pydoc.domains, 4, scheme="domain")
 
 
-def test_multiemo_partitions(multiemo):
-    labels, domains = multiemo.labels, multiemo.domains
-    parts = partition(labels, domains, 8, scheme="domain", seed=0)
-    check_exact_cover(parts, len(multiemo))
-    per_domain = Counter(domains[p[0]] for p in parts)
-    assert set(per_domain) == {"hotels", "medicine", "products", "school"}
-    assert per_domain["hotels"] >= per_domain["products"]  # participants follow domain size
-    assert all(len({domains[i] for i in p}) == 1 for p in parts)
+def test_sarcasm_partitions(sarcasm):
+    labels, domains = sarcasm.labels, sarcasm.domains
+    with pytest.raises(PartitionError, match="needs domains"):  # headlines have no natural domain
+        partition(labels, domains, 8, scheme="domain", seed=0)
+    mild = partition(labels, domains, 8, scheme="dirichlet", alpha=5.0, min_size=8, seed=0)  # the default job's
     skewed = partition(labels, domains, 8, scheme="dirichlet", alpha=0.1, min_size=50, seed=0)
-    check_exact_cover(skewed, len(multiemo))
-    assert label_skew(skewed, labels) > label_skew(partition(labels, domains, 8, seed=0), labels)
+    for parts in (mild, skewed):
+        check_exact_cover(parts, len(sarcasm))
+    iid = label_skew(partition(labels, domains, 8, seed=0), labels)
+    assert iid < label_skew(mild, labels) < label_skew(skewed, labels)
 
 
 def test_label_table_counts(chatterbot):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 import threading
 import time
@@ -74,9 +73,10 @@ def test_chatterbot_unknown_language():
 
 @pytest.fixture(scope="session")
 def multiemo_dir():
-    """The cached MultiEmo folder; downloads the bigbench sdist (~358 MB, ~30 s) when missing.
+    """The cached MultiEmo folder, extracted from a cached bigbench sdist when needed.
 
-    Offline developers get a skip; CI (CI=true) must fetch and run it.
+    PyPI no longer serves the sdist, so without a cached or copied archive these tests skip (in CI
+    too); the extraction itself is tested on synthetic archives below.
     """
     folder = multiemo_cached()
     if folder is not None:
@@ -86,9 +86,7 @@ def multiemo_dir():
     try:
         return ensure_multiemo()
     except DataUnavailableError as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            raise
-        pytest.skip(f"MultiEmo not cached and cannot be fetched here: {exc}")
+        pytest.skip(f"bigbench sdist not cached (PyPI no longer serves bigbench==1.0.0): {exc}")
 
 
 def test_multiemo_text_level(multiemo_dir):
@@ -123,12 +121,10 @@ def test_multiemo_without_cache_and_no_fetch(tmp_path):
         load_multiemo(root=tmp_path, fetch=False)
 
 
-def test_multiemo_offline_error_is_clear(tmp_path, monkeypatch):
+def test_multiemo_offline_error_is_clear(tmp_path, offline_pip):
     """A failing pip (as offline) gives a DataUnavailableError naming the pip command."""
     from flux.data import sources
 
-    monkeypatch.setattr(sources, "_pip_download_command",
-                        lambda dest: [sources.sys.executable, "-c", "import sys; sys.exit('no network')"])
     with pytest.raises(DataUnavailableError, match="pip download --no-deps --no-binary :all: bigbench==1.0.0"):
         sources.fetch_bigbench_sdist(root=tmp_path)
     assert not any((tmp_path / "downloads").glob("*.tar.gz"))  # nothing half-written left behind

@@ -349,21 +349,21 @@ def test_bench_ci_config_end_to_end(tmp_path):
                           "--out", str(out), "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
-    assert set(doc["results"]) == {"chatterbot-tiny", "bigbench-tiny"}
+    assert set(doc["results"]) == {"chatterbot-tiny", "evals-tiny"}
     assert doc["targets"]["chatterbot-tiny"] == 0.25  # settings.target, not the runs' target_accuracy 0.2
-    gen = doc["results"]["bigbench-tiny"]
+    gen = doc["results"]["evals-tiny"]
     assert set(gen) == {"fedavg", "fmd", "fmq", "fmes", "flux"}
-    assert doc["targets"]["bigbench-tiny"] == pytest.approx(  # the stated rule, from fedavg's runs
+    assert doc["targets"]["evals-tiny"] == pytest.approx(  # the stated rule, from fedavg's runs
         gen["fedavg"]["base_accuracy"] + 0.95 * (gen["fedavg"]["final_accuracy"] - gen["fedavg"]["base_accuracy"]))
     # the time budget: fedavg's 2 rounds; each other method ran until fedavg's simulated time
     # (same seed) was spent, at most 4 rounds, and one that is cheaper per round ran more of them
-    budget = json.loads((out / "runs" / "bigbench-tiny" / "fedavg" / "seed0" / "summary.json").read_text())
+    budget = json.loads((out / "runs" / "evals-tiny" / "fedavg" / "seed0" / "summary.json").read_text())
     assert budget["rounds"] == 2
     for m in ("fmd", "fmq", "fmes", "flux"):
-        s = json.loads((out / "runs" / "bigbench-tiny" / m / "seed0" / "summary.json").read_text())
+        s = json.loads((out / "runs" / "evals-tiny" / m / "seed0" / "summary.json").read_text())
         assert 1 <= s["rounds"] <= 4 and (s["rounds"] == 4 or s["sim_s"] >= budget["sim_s"]), m
         if s["rounds"] > 1:  # it stopped in the round that spent the budget, not later
-            rows = (out / "runs" / "bigbench-tiny" / m / "seed0" / "metrics.jsonl").read_text().splitlines()
+            rows = (out / "runs" / "evals-tiny" / m / "seed0" / "metrics.jsonl").read_text().splitlines()
             assert json.loads(rows[-2])["sim_s"] < budget["sim_s"], m
     methods = doc["results"]["chatterbot-tiny"]
     assert set(methods) == {"fedavg", "fmd", "fmq", "fmes", "flux"}
