@@ -197,16 +197,22 @@ def run_config(setting: dict, base: dict, method: str, seed: int, sets: Sequence
                        + list(sets))
 
 
+# Keys that change only what a run reports about itself, never its training: the bench measures
+# every run against its own target (computed from the metrics), so they may differ in a reused run.
+REPORT_ONLY_KEYS = ("target_accuracy",)
+
+
 def _check_reused(out: Path, cfg) -> None:
     """A finished run is reused only for the config it ran (its ``config.toml``, read with
-    today's defaults for keys it predates): reusing it for another (a changed bench config or
-    ``--set``) would report one config's numbers under another's name."""
+    today's defaults for keys it predates; :data:`REPORT_ONLY_KEYS` aside): reusing it for
+    another (a changed bench config or ``--set``) would report one config's numbers under
+    another's name."""
     from flux.federation.config import config_to_dict, load_config
 
     had, want = [], []
     _flatten("", config_to_dict(load_config(str(out / "config.toml"))), had)
     _flatten("", config_to_dict(cfg), want)
-    differ = sorted({kv.split("=", 1)[0] for kv in set(had) ^ set(want)})
+    differ = sorted({kv.split("=", 1)[0] for kv in set(had) ^ set(want)} - set(REPORT_ONLY_KEYS))
     if differ:
         raise BenchConfigError(f"{out} holds a finished run of another config (differs in {', '.join(differ)}); "
                                "bench into another --out, or delete that run to redo it")

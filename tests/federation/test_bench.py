@@ -243,6 +243,9 @@ def test_a_finished_run_is_reused_only_for_the_config_it_ran(tmp_path):
     with pytest.raises(BenchConfigError, match=r"another config \(differs in flux.exploration_draw\)"):
         run_one(setting, {"participants": 4}, "flux", 1, run_dir, progress=False,
                 sets=["flux.exploration_draw=utility"])
+    # the run's own target only labels its summary (the bench measures against its own): reused
+    again = run_one(setting, {"participants": 4}, "flux", 1, run_dir, progress=False, sets=["target_accuracy=0.9"])
+    assert again["summary"] == {"final_accuracy": 0.5}
     # the whole bench refuses before running anything
     bench = tmp_path / "b.toml"
     bench.write_text('methods = ["flux"]\nseeds = [1, 2]\n[base]\nparticipants = 4\n'
