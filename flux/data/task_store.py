@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from flux.data.cache import atomic_dir, cache_dir, file_lock
+from flux.data.sources import DataUnavailableError
 
 SUB_SEP = "__"  # "a/b" is stored as a__b.jsonl; extraction skips names that contain it
 _COMPONENT = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"  # never "." or "..": no component can climb out
@@ -59,8 +60,6 @@ def build_task_folder(name: str, archive: str | os.PathLike | None, fetch: Calla
         with atomic_dir(folder) as tmp:
             summary = extract(source, tmp)
             if not summary:
-                from flux.data.sources import DataUnavailableError  # sources imports the task sources
-
                 raise DataUnavailableError(f"{source} holds no {name} tasks")
             (tmp / "index.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
             (tmp / ".complete").write_text(f"{marker}\n{len(summary)} tasks\n")
