@@ -296,10 +296,11 @@ def merge_layout(setup: AblationSetup, full: ModelProfile) -> MergeLayout:
 def measure_merge_output_error(setup: AblationSetup, layout: MergeLayout, h_ref: torch.Tensor, *,
                                seed: int) -> dict:
     """Claim: adaptive per-layer budgets merge with less output error than uniform or single-group
-    budgets (paper: 47.6% and 65.6% less), and merging beats dropping at the same budget.
+    budgets (paper: 47.6% and 65.6% less), and merging beats dropping at the same budget.  Also
+    measures the weighted clustering (``flux.merge_clustering="weighted"``) at the adaptive budgets.
 
     ``h_ref``: the unmerged model's final hidden states on the held-out data.  Returns
-    ``merge_output_error`` ({adaptive, uniform, single, drop}: ||h_s - h|| / ||h||) and
+    ``merge_output_error`` ({adaptive, uniform, single, drop, adaptive_weighted}: ||h_s - h|| / ||h||) and
     ``merge_budgets`` (the total and each strategy's per-layer budgets)."""
     from flux.merging.install import drop_model, merge_model, uninstall
 
@@ -310,6 +311,11 @@ def measure_merge_output_error(setup: AblationSetup, layout: MergeLayout, h_ref:
         merge_err[name] = _rel(_hidden(backbone, held_out), h_ref)
         budget_report[name] = list(map(int, b))
         uninstall(handle)
+    # flux.merge_clustering = "weighted" at the adaptive budgets (flux/merging/weighted_clusters.py)
+    merge_model(handle, layout.tuning, layout.freqs, layout.attn, budgets=list(layout.budgets["adaptive"]),
+                mode="freq_attn", seed=seed, clustering="weighted")
+    merge_err["adaptive_weighted"] = _rel(_hidden(backbone, held_out), h_ref)
+    uninstall(handle)
     keep = []
     for f, t, b in zip(layout.freqs, layout.tuning, layout.budgets["adaptive"]):
         rest = [e for e in torch.argsort(f, descending=True, stable=True).tolist() if e not in t]
@@ -504,6 +510,8 @@ def ablation_table(r: dict) -> str:
         ("adaptive vs single output error reduction", f"{red_s:.1%}", "65.6%", red_s > 0),
         ("merge vs drop output error", f"{m['adaptive']:.3f} vs {m['drop']:.3f}", "merge < drop",
          m["adaptive"] < m["drop"]),
+        ("weighted clustering (may drop) vs drop output error",
+         f"{m['adaptive_weighted']:.3f} vs {m['drop']:.3f}" if "adaptive_weighted" in m else "-", "-", None),
         ("freq*attn vs freq weighting error reduction", f"{red_w:.1%}", "19.2%", red_w > 0),
         ("fused K-Means speedup (DeepSeek-16B shape)", f"{r['fused_kmeans_speedup']:.1f}x", "~40x",
          r["fused_kmeans_speedup"] >= 10),

@@ -26,7 +26,7 @@ def test_ablation_writes_every_claim(tmp_path):
         assert key in saved, key
     assert set(saved["profiling_error"]) == {"int4", "int8"}
     assert 0 <= saved["profiling_error"]["int8"] <= saved["profiling_error"]["int4"] < 1
-    assert set(saved["merge_output_error"]) == {"adaptive", "uniform", "single", "drop"}
+    assert set(saved["merge_output_error"]) == {"adaptive", "uniform", "single", "drop", "adaptive_weighted"}
     assert all(0 < v < 10 for v in saved["merge_output_error"].values())
     assert set(saved["merge_weighting_error"]) == {"freq_attn", "freq", "avg"}
     assert saved["fused_kmeans"]["deepseek_moe_16b_shape"]["identical_clusters"]

@@ -24,6 +24,7 @@ from flux.federation.errors import ConfigError
 NON_EXPERT_MODES = ("frozen", "head", "tuned")
 PARTITIONS = ("iid", "dirichlet", "domain")  # flux.data.partition.SCHEMES
 MERGE_MODES = ("freq_attn", "freq", "avg")  # flux.merging.merge.MERGE_MODES
+CLUSTERINGS = ("kmeans", "weighted")  # flux.merging.merge.CLUSTERINGS (a test keeps them equal)
 EXPLORATION = ("zo", "backprop")
 EXPLORATION_DRAWS = ("uniform", "utility")  # flux.roles.assignment.EXPLORATION_DRAWS (a test keeps them equal)
 ASSIGNMENTS = ("round_robin",)
@@ -107,6 +108,7 @@ class FluxConfig:
     profile_samples: int = 64  # 0 = profile all local data (the paper); N > 0 = a seeded sample of at most N
     hide_idle_profiling: bool = True  # a participant idle last round profiled then: none of it is visible
     merge_mode: str = "freq_attn"
+    merge_clustering: str = "kmeans"  # "kmeans" (paper) | "weighted" (may drop experts; docs/techniques.md "Clustering")
     epsilon_start: float = 0.6  # docs/techniques.md: measured against 0.3 -> 0.9 over 10 rounds
     epsilon_end: float = 0.9
     epsilon_rounds: int = 5
@@ -431,6 +433,7 @@ def validate(cfg: RunConfig) -> None:
     _check(f.profile_samples >= 0, "flux.profile_samples",
            f"must be >= 0 (0 = all local samples), got {f.profile_samples}")
     _one_of(f.merge_mode, MERGE_MODES, "flux.merge_mode")
+    _one_of(f.merge_clustering, CLUSTERINGS, "flux.merge_clustering")
     for name in ("epsilon_start", "epsilon_end"):
         v = getattr(f, name)
         _check(0 <= v <= 1, f"flux.{name}", f"must be in [0, 1], got {v}")

@@ -1,7 +1,7 @@
 """Adaptive layer-aware expert merging (FLUX technique 2).
 
 Eq. 1 layer budgets (:mod:`.layer_budgets`), PCA features and fused cosine K-Means over all layers
-(:mod:`.kmeans`), Eq. 2 weighted merging and the per-layer merge plan (:mod:`.merge`).
+(:mod:`.kmeans`) or frequency-weighted clustering with dropping (:mod:`.weighted_clusters`), Eq. 2 weighted merging and the per-layer merge plan (:mod:`.merge`).
 Plans installed on a patched model as merged views, FMES dropping, ablation budgets: :mod:`.install`.
 """
 from flux.merging.layer_budgets import DEFAULT_VAR_FLOOR, frequency_variance, layer_budgets
@@ -24,7 +24,9 @@ from flux.merging.install import (
     uniform_budgets,
     uninstall,
 )
+from flux.merging.weighted_clusters import exact_features, weighted_clusters
 from flux.merging.merge import (
+    CLUSTERINGS,
     MERGE_MODES,
     LayerMergePlan,
     assemble_group_weights,
@@ -37,6 +39,7 @@ from flux.merging.merge import (
 )
 
 __all__ = [
+    "CLUSTERINGS",
     "DEFAULT_ITERS",
     "DEFAULT_PCA_DIM",
     "DEFAULT_VAR_FLOOR",
@@ -46,6 +49,7 @@ __all__ = [
     "assemble_group_weights",
     "collect_tuned",
     "drop_model",
+    "exact_features",
     "frequency_variance",
     "fused_kmeans",
     "install_merge",
@@ -64,4 +68,5 @@ __all__ = [
     "single_budgets",
     "uniform_budgets",
     "uninstall",
+    "weighted_clusters",
 ]

@@ -167,6 +167,7 @@ def merge_model(
     var_floor: float = DEFAULT_VAR_FLOOR,
     frozen_tuning: Optional[Sequence[Sequence[int]]] = None,
     stacks: Optional[Sequence[Mapping[str, Tensor]]] = None,
+    clustering: str = "kmeans",
 ) -> list[LayerMergePlan]:
     """FLUX technique 2 on a patched model: :func:`flux.merging.plan_model_merge` on the
     original experts (Eq. 1 budgets unless ``budgets`` is given, fused K-Means, Eq. 2), then
@@ -176,7 +177,7 @@ def merge_model(
         tuning_per_layer: per MoE layer, the tuning expert ids.
         freqs_per_layer: per layer, activation frequencies float [E_l].
         attn_per_layer: per layer, mean attention scores float [E_l] (None unless "freq_attn").
-        total_budget / budgets / mode / seed / fused / pca_dim / iters / var_floor: as
+        total_budget / budgets / mode / seed / fused / pca_dim / iters / var_floor / clustering: as
             :func:`flux.merging.plan_model_merge`.
         quantize_bits / keep_originals / frozen_tuning / stacks: as :func:`install_merge`; the
             plan (clustering, Eq. 2) is computed on ``stacks`` too.
@@ -189,6 +190,7 @@ def merge_model(
     plans = plan_model_merge(
         stacks, tuning_per_layer, freqs_per_layer, attn_per_layer, total_budget,
         budgets=budgets, mode=mode, pca_dim=pca_dim, iters=iters, seed=seed, fused=fused, var_floor=var_floor,
+        clustering=clustering,
     )
     install_merge(handle, plans, quantize_bits=quantize_bits, keep_originals=keep_originals,
                   frozen_tuning=frozen_tuning, stacks=stacks)

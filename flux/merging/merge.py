@@ -24,8 +24,13 @@ from torch import Tensor
 
 from flux.merging.layer_budgets import DEFAULT_VAR_FLOOR, layer_budgets
 from flux.merging.kmeans import DEFAULT_ITERS, DEFAULT_PCA_DIM, fused_kmeans, pad_features, pca_features, per_layer_kmeans
+from flux.merging.weighted_clusters import layer_weighted_clusters
 
 MERGE_MODES = ("freq_attn", "freq", "avg")
+# How non-tuning experts are grouped: "kmeans" = the paper's cosine K-Means on PCA features (fused
+# over layers); "weighted" = frequency-weighted clustering with dropping allowed
+# (flux/merging/weighted_clusters.py, docs/techniques.md "Clustering").
+CLUSTERINGS = ("kmeans", "weighted")
 
 
 def _vector(x: Tensor | Sequence[float], name: str, n: int | None = None) -> Tensor:
@@ -277,9 +282,12 @@ def plan_model_merge(
     seed: int = 0,
     fused: bool = True,
     var_floor: float = DEFAULT_VAR_FLOOR,
+    clustering: str = "kmeans",
 ) -> list[LayerMergePlan]:
     """The whole merging technique for one participant: Eq. 1 budgets, PCA features of the
-    non-tuning experts, one fused cosine K-Means over all layers, Eq. 2 merge per cluster.
+    non-tuning experts, one fused cosine K-Means over all layers, Eq. 2 merge per cluster
+    (``clustering="kmeans"``, the paper), or per layer the frequency-weighted clustering of
+    :mod:`flux.merging.weighted_clusters`, which may drop experts (``clustering="weighted"``).
 
     Args:
         layer_weights: per MoE layer (shallowest first), name -> stacked weights [E_l, ...].
@@ -292,10 +300,13 @@ def plan_model_merge(
         mode, pca_dim, iters, init, seed, var_floor: see :func:`merge_coefficients`,
             :func:`pca_features`, :func:`fused_kmeans`, :func:`layer_budgets`.
         fused: False runs the per-layer K-Means loop (same result, slower).
+        clustering: one of :data:`CLUSTERINGS`.
 
     Returns:
         One :class:`LayerMergePlan` per layer.
     """
+    if clustering not in CLUSTERINGS:
+        raise ValueError(f"clustering must be one of {CLUSTERINGS}, got {clustering!r}")
     num_layers = len(layer_weights)
     if len(tuning_per_layer) != num_layers or len(freqs_per_layer) != num_layers:
         raise ValueError("layer_weights, tuning_per_layer and freqs_per_layer need one entry per layer")
@@ -320,21 +331,30 @@ def plan_model_merge(
         if len(budgets) != num_layers or any(b < 0 or b > n or (n > 0 and b == 0) for b, n in zip(budgets, counts)):
             raise ValueError(f"budgets {budgets} must satisfy 1 <= b_l <= n_l (n_l = {counts}; 0 where n_l = 0)")
 
-    feats = [
-        pca_features([w[idx.to(w.device)] for w in weights.values()], pca_dim)
-        if idx.numel()
-        else torch.zeros(0, 0, dtype=torch.float64)
-        for weights, idx in zip(layer_weights, non_tuning)
-    ]
-    x, mask = pad_features(feats, dim=max((f.shape[1] for f in feats), default=0))
-    kmeans = fused_kmeans if fused else per_layer_kmeans
-    result = kmeans(x, mask, budgets, iters=iters, init=init, seed=seed)
+    if clustering == "weighted":
+        assignments = [
+            layer_weighted_clusters([w[idx.to(w.device)] for w in weights.values()],
+                                    _vector(f, "freq")[idx], b, iters=iters)
+            if idx.numel() else idx
+            for weights, idx, f, b in zip(layer_weights, non_tuning, freqs_per_layer, budgets)
+        ]
+    else:
+        feats = [
+            pca_features([w[idx.to(w.device)] for w in weights.values()], pca_dim)
+            if idx.numel()
+            else torch.zeros(0, 0, dtype=torch.float64)
+            for weights, idx in zip(layer_weights, non_tuning)
+        ]
+        x, mask = pad_features(feats, dim=max((f.shape[1] for f in feats), default=0))
+        kmeans = fused_kmeans if fused else per_layer_kmeans
+        result = kmeans(x, mask, budgets, iters=iters, init=init, seed=seed)
+        assignments = [result.assignments[l, : idx.numel()] for l, idx in enumerate(non_tuning)]
 
     plans = []
     for l, (weights, idx) in enumerate(zip(layer_weights, non_tuning)):
         num_experts = next(iter(weights.values())).shape[0]
         clusters = torch.full((num_experts,), -1, dtype=torch.long)
-        clusters[idx] = result.assignments[l, : idx.numel()]
+        clusters[idx] = assignments[l]
         attn = None if attn_per_layer is None else attn_per_layer[l]
         plans.append(plan_layer_merge(weights, tuning_per_layer[l], clusters, freqs_per_layer[l], attn, mode=mode))
     return plans

@@ -135,7 +135,8 @@ class Flux(Method):
                 plans = merge_model(handle, tuning, profile.frequencies(), profile.attention_scores(),
                                     stacks=stacks,
                                     total_budget=self.merged_total(pid, tuning, num_experts),
-                                    mode=cfg.flux.merge_mode, seed=cfg.seed, frozen_tuning=explore,
+                                    mode=cfg.flux.merge_mode, clustering=cfg.flux.merge_clustering,
+                                    seed=cfg.seed, frozen_tuning=explore,
                                     quantize_bits=frozen_bits)
             s.begin()
             tracker = _GradTracker(layers)

@@ -226,14 +226,20 @@ def test_nan_update_is_rejected_and_dropout_never_hangs(single, tmp_path, monkey
     assert len(rows) == 2
 
 
-def test_flux_update_carries_the_trained_tuning_experts(tmp_path):
+@pytest.mark.parametrize("clustering", ["kmeans", "weighted"])
+def test_flux_update_carries_the_trained_tuning_experts(tmp_path, clustering, monkeypatch):
     """The uploaded delta of a tuning expert is its trained weights minus the ORIGINAL weights
     (not minus the view's current weights, which would upload zeros), and only tuning experts
-    are uploaded."""
+    are uploaded; under either merge clustering (flux.merge_clustering)."""
+    import flux.merging.install as install
     from flux.federation.config import load_config
     from flux.federation.runner import Run, sample_participants
 
-    cfg = load_config(TINY, ["rounds=1"])
+    used = []
+    real_plan = install.plan_model_merge
+    monkeypatch.setattr(install, "plan_model_merge",
+                        lambda *a, **kw: used.append(kw["clustering"]) or real_plan(*a, **kw))
+    cfg = load_config(TINY, ["rounds=1", f"flux.merge_clustering={clustering}"])
     run = Run(cfg, tmp_path / "u", resume=False, progress=False)
     sampled = sample_participants(cfg, 0)
     profiles = {p: run._profile_now(p, 0) for p in sampled}
@@ -246,6 +252,7 @@ def test_flux_update_carries_the_trained_tuning_experts(tmp_path):
     assert all(sum(float(t.norm()) for t in d.values()) > 0 for d in update.expert_deltas.values())
     after = run.work.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the global model must stay untouched"
+    assert used == [clustering]
 
 
 def test_sampled_profiles_keep_local_rows_and_still_measure_utilities(tmp_path):
