@@ -14,8 +14,9 @@ activation frequency: the share of the layer's tokens it serves) and centroids c
     sum_e w_e * min( min_j ||W_e - c_j||^2 ,  ||W_e||^2 )
 
 by weighted Lloyd iterations: the second term is a free zero centroid (the expert is dropped and
-contributes nothing, as FMES's dropped experts), and a cluster's weighted mean is Eq. 2's merged
-weight with alpha = w.  It starts from the k heaviest experts as singleton centroids, which is
+contributes nothing, as FMES's dropped experts), and a cluster's centroid is its w-weighted mean
+(Eq. 2 with alpha = f; the installed merge still uses ``flux.merge_mode``'s coefficients, which
+differ only inside clusters of two or more members).  It starts from the k heaviest experts as singleton centroids, which is
 exactly the keep-the-top-k-and-drop layout, and a Lloyd step never increases the objective, so
 the result is never worse than that layout in this objective; where experts are similar (e.g.
 experts upcycled from one dense FFN) they still merge.
