@@ -268,6 +268,9 @@ def summarize(runs: list[dict], target: float, metric: str = "accuracy") -> dict
         # binomial standard error of one run's test accuracy: the test set's own noise
         "final_accuracy_se_test": _binomial_se(runs),
         "base_accuracy": _median([(r["summary"].get("base") or {}).get("accuracy") for r in runs]),
+        # what predicting each task's most frequent answer scores on the test set (runs before
+        # December 2026 did not record it: None)
+        "majority_accuracy": _median([(r["summary"].get("base") or {}).get("majority_accuracy") for r in runs]),
         "routing_drift_median": _median([r["summary"].get("routing_drift_median") for r in runs]),
         "best_accuracy": _median([r["summary"]["best_accuracy"] for r in runs]),
         "peak_memory_bytes": _median([r["summary"]["peak_memory_bytes"] for r in runs]),
@@ -402,6 +405,11 @@ def bench_table(results: dict, gains: dict, targets: dict) -> str:
                         if r.get("final_accuracy_se_test") is not None), None)
         if se_test is not None:
             lines.append(f"\nTest-set standard error of one accuracy: {se_test * 100:.1f} points.")
+        majority = next((r.get("majority_accuracy") for r in by_method.values()
+                         if r.get("majority_accuracy") is not None), None)
+        if majority is not None:
+            lines.append(f"Majority answer on the test set (per task for multiple choice): {majority:.3f} accuracy "
+                         "(what learning only the answer prior scores).")
         if "flux_speedup_sim" in g:
             lines.append(f"FLUX vs best baseline ({g['best_baseline']}): {g['flux_speedup_sim']:.2f}x faster "
                          f"(simulated{_interval_text(g.get('flux_speedup_sim_interval'))}), "

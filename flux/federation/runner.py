@@ -576,14 +576,19 @@ class Run:
 
     def _evaluate_base(self) -> None:
         """The pretrained model's metrics before any federated round (``base.json``): the point
-        every curve starts from."""
+        every curve starts from, with the test set's majority-answer accuracy (the floor a model
+        that learns only the answer prior reaches: :mod:`flux.models.majority`)."""
         from flux.models import evaluate
+        from flux.models.majority import majority_accuracy
 
         if not self.lead:
             return
         with all_threads():
             base = evaluate(self.work.model, self.work.test)
             self._routing_drift()  # the reference for round 1's drift
+        majority = majority_accuracy(self.work.test)
+        if majority is not None:
+            base["majority_accuracy"] = majority
         self.reporter.base(base)
 
     def finish(self) -> Optional[dict]:

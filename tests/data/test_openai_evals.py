@@ -179,3 +179,21 @@ def test_pretraining_corpus_is_disjoint_from_evaluation(corpus):
     leaks, n_long = corpus_leaks([t for _, t in corpus], inputs)
     assert len(inputs) > 35_000 and n_long > 30_000
     assert leaks == []
+
+
+def test_the_bench_instruction_tasks_are_outside_the_shared_pretraining_corpus(corpus):
+    """Every instruction setting of benchmarks/tta.toml runs on the one cached `deepseek-base`
+    pretrained without any ``exclude``: its tasks' folders must be out of that corpus by rule
+    (evaluation, non-language or foreign-language folders), and their inputs must not leak in."""
+    import tomllib
+    from pathlib import Path
+
+    bench = tomllib.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "tta.toml").read_text())
+    tasks = [t for s in bench["settings"] if s["config"]["dataset"]["name"] == "openai-evals"
+             for t in s["config"]["dataset"]["tasks"]]
+    assert len(tasks) >= 5
+    folders = {n.split("/")[0] for n, _ in corpus}
+    assert not folders & {task_store.folder_of(t) for t in tasks}
+    inputs = [r["input"].strip() for t in tasks for r in oe.load_evals_task(t)[:2000]]
+    leaks, n_long = corpus_leaks([t for _, t in corpus], inputs)
+    assert n_long > 3_000 and leaks == []

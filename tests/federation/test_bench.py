@@ -116,6 +116,17 @@ def test_standard_errors_over_seeds_and_of_the_test_set():
     assert s["final_accuracy_se_seeds"] == pytest.approx(0.1 / 3 ** 0.5)
     assert s["final_accuracy_se_test"] == pytest.approx((0.6 * 0.4 / 1200) ** 0.5)
     assert s["base_accuracy"] == 0.25
+    assert s["majority_accuracy"] is None  # runs that did not record it
+
+
+def test_the_table_states_the_majority_answer_floor():
+    runs = [_run(10, 1, 0.6) for _ in range(3)]
+    for run, floor in zip(runs, (0.52, 0.55, 0.50)):
+        run["summary"]["base"]["majority_accuracy"] = floor
+    r = {"s": {"fmes": summarize(runs, 0.5), "flux": summarize(runs, 0.5)}}
+    assert r["s"]["flux"]["majority_accuracy"] == pytest.approx(0.52)
+    assert "Majority answer on the test set (per task for multiple choice): 0.520 accuracy" in bench_table(
+        r, speedups(r), {"s": 0.5})
 
 
 def test_target_from_fedavg_is_the_stated_share_of_its_gain():

@@ -80,6 +80,9 @@ def test_single_process_writes_every_output(single):
             assert t["download"] + t["compute"] + t["offload"] + t["upload"] <= r["round_sim_s"] + 1e-2
     assert rows[-1]["sim_s"] > rows[0]["sim_s"] > 0
     assert set(s) >= {"method", "target", "time_to_accuracy", "final_accuracy", "rounds", "model_sha256"}
+    # the pretrained point every curve starts from, with the floor of an input-blind predictor
+    base = json.loads((single / "base.json").read_text())
+    assert 0.0 <= base["accuracy"] <= 1.0 and 0.0 < base["majority_accuracy"] <= 1.0
 
 
 def test_two_spawned_ranks_give_identical_weights(single, tmp_path):
