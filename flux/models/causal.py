@@ -101,7 +101,7 @@ class MoECausalLM(nn.Module):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
     @torch.no_grad()
-    def evaluate(self, data, batch_size: int = 64) -> dict[str, float]:
+    def evaluate(self, data, batch_size: int = 64) -> dict:
         """Held-out metrics over ``data``: multiple-choice scoring for
         ``flux.data.instructions.EncodedChoices`` (below), response-token metrics for
         ``EncodedInstructions`` (a user's prompt -> response pairs, :func:`response_metrics`).
@@ -112,7 +112,8 @@ class MoECausalLM(nn.Module):
         log-likelihood (ties go to the lower index; the harness's ``acc``); ``accuracy_norm``: the
         same with log-likelihood per character of the choice (``acc_norm``); ``accuracy``: the one
         of the two named by ``mc_metric``; ``loss``: mean per-token negative log-likelihood of the
-        correct choice.
+        correct choice; ``accuracy_per_task``: ``{task: accuracy}`` (``mc_metric``'s), to compare
+        with each task's majority answer (:mod:`flux.models.majority`).
         """
         from flux.data.instructions import EncodedInstructions
 
@@ -138,16 +139,20 @@ class MoECausalLM(nn.Module):
         out = choice_metrics(scores, tokens, data)
         out["accuracy_acc"] = out["accuracy"]
         out["accuracy"] = out["accuracy_norm"] if self.mc_metric == "acc_norm" else out["accuracy_acc"]
+        out["accuracy_per_task"] = {task: v[self.mc_metric] for task, v in out.pop("per_task").items()}
         return out
 
 
-def choice_metrics(scores: Tensor, tokens: Tensor, data) -> dict[str, float]:
+def choice_metrics(scores: Tensor, tokens: Tensor, data) -> dict:
     """Accuracy, length-normalised accuracy and correct-answer loss from per-row log-likelihoods.
 
     Args:
         scores: float64 ``[M]`` summed log-likelihood of each row's continuation.
         tokens: int64 ``[M]`` its number of tokens.
         data: the ``EncodedChoices`` the rows come from.
+
+    Returns ``{"accuracy", "accuracy_norm", "loss"}`` floats and ``"per_task"``:
+    ``{task: {"acc", "acc_norm"}}``.
     """
     n = len(data)
     neg = torch.finfo(torch.float64).min
@@ -167,7 +172,18 @@ def choice_metrics(scores: Tensor, tokens: Tensor, data) -> dict[str, float]:
             nll[e] = -scores[r] / max(1, int(tokens[r]))
     return {"accuracy": float((pick == data.answers).double().mean()),
             "accuracy_norm": float((pick_norm == data.answers).double().mean()),
-            "loss": float(nll.mean())}
+            "loss": float(nll.mean()),
+            "per_task": _per_task(pick == data.answers, pick_norm == data.answers, data.tasks)}
+
+
+def _per_task(hit: Tensor, hit_norm: Tensor, tasks: list[str]) -> dict[str, dict[str, float]]:
+    """``{task: {"acc": share correct, "acc_norm": same, length-normalised}}`` from per-example
+    bool ``[N]`` hits: a pooled accuracy hides which tasks learn and which sit at their prior."""
+    rows: dict[str, list[int]] = {}
+    for i, task in enumerate(tasks):
+        rows.setdefault(task, []).append(i)
+    return {task: {"acc": float(hit[idx].double().mean()), "acc_norm": float(hit_norm[idx].double().mean())}
+            for task, idx in sorted(rows.items()) for idx in [torch.tensor(idx)]}
 
 
 @torch.no_grad()
