@@ -182,8 +182,11 @@ def _per_task(hit: Tensor, hit_norm: Tensor, tasks: list[str]) -> dict[str, dict
     rows: dict[str, list[int]] = {}
     for i, task in enumerate(tasks):
         rows.setdefault(task, []).append(i)
-    return {task: {"acc": float(hit[idx].double().mean()), "acc_norm": float(hit_norm[idx].double().mean())}
-            for task, idx in sorted(rows.items()) for idx in [torch.tensor(idx)]}
+    out = {}
+    for task, indices in sorted(rows.items()):
+        idx = torch.tensor(indices)
+        out[task] = {"acc": float(hit[idx].double().mean()), "acc_norm": float(hit_norm[idx].double().mean())}
+    return out
 
 
 @torch.no_grad()

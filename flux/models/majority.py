@@ -6,8 +6,8 @@ answers are skewed (the OpenAI-evals multiple-choice tasks: the correct choice o
 "more likely" 77% of the time) a fine-tuned model's accuracy can rise well above the pretrained
 model's by learning that prior only, so the bench reports this number next to every curve.
 
-It is computed on the test set itself (the best constant answer per task in hindsight), so it is an
-upper bound on what any input-blind predictor scores there.
+It is computed on the test set itself (the best constant answer per task in hindsight), so no
+predictor that knows the task but not the input scores more there.
 """
 from __future__ import annotations
 
