@@ -185,7 +185,8 @@ def run_one(setting: dict, base: dict, method: str, seed: int, out: Path, *, pro
     else:
         resume = (out / "checkpoints").exists()
         run(cfg, out, resume=resume, progress=progress)
-    return {"summary": json.loads((out / "summary.json").read_text()), "metrics": read_metrics(out)}
+    return {"summary": json.loads((out / "summary.json").read_text()), "metrics": read_metrics(out),
+            "rounds_cap": cfg.rounds, "sim_budget_s": cfg.sim_budget_s}
 
 
 def run_config(setting: dict, base: dict, method: str, seed: int, sets: Sequence[str] = ()):
@@ -281,7 +282,22 @@ def summarize(runs: list[dict], target: float, metric: str = "accuracy") -> dict
         "overhead_fraction": _median([r["summary"].get("overhead_fraction") for r in runs]),
         "critical_overhead_fraction": _median([r["summary"].get("critical_overhead_fraction") for r in runs]),
         "seeds": len(runs),
+        **_budget_use(runs),
     }
+
+
+def _budget_use(runs: list[dict]) -> dict:
+    """How much of a simulated-time budget (``time_budget_from_fedavg``) the runs spent:
+    ``budget_share`` (median over seeds of the run's simulated seconds / its budget; None for
+    runs without one) and ``capped_seeds`` (runs the round cap ended before their budget, whose
+    final accuracy is therefore measured earlier than fedavg's)."""
+    budgeted = [r for r in runs if r.get("sim_budget_s")]
+    if not budgeted:
+        return {"budget_share": None, "capped_seeds": 0}
+    capped = sum(r["summary"]["rounds"] >= r["rounds_cap"] and r["summary"]["sim_s"] < r["sim_budget_s"]
+                 for r in budgeted)
+    return {"budget_share": _median([r["summary"]["sim_s"] / r["sim_budget_s"] for r in budgeted]),
+            "capped_seeds": capped}
 
 
 def _binomial_se(runs: list[dict]) -> Optional[float]:
@@ -410,6 +426,11 @@ def bench_table(results: dict, gains: dict, targets: dict) -> str:
         if majority is not None:
             lines.append(f"Majority answer on the test set (per task for multiple choice): {majority:.3f} accuracy "
                          "(what learning only the answer prior scores).")
+        for m, r in by_method.items():
+            if r.get("capped_seeds"):
+                lines.append(f"{m}: the round cap (time_budget_from_fedavg) ended {r['capped_seeds']}/{r['seeds']} "
+                             f"runs before fedavg's simulated time (median {r['budget_share']:.0%} of it spent); "
+                             "their final accuracy is measured that much earlier.")
         if "flux_speedup_sim" in g:
             lines.append(f"FLUX vs best baseline ({g['best_baseline']}): {g['flux_speedup_sim']:.2f}x faster "
                          f"(simulated{_interval_text(g.get('flux_speedup_sim_interval'))}), "

@@ -129,6 +129,27 @@ def test_the_table_states_the_majority_answer_floor():
         r, speedups(r), {"s": 0.5})
 
 
+def test_the_table_says_when_the_round_cap_ended_runs_before_fedavg_s_time():
+    """A time-budgeted run that stops at the round cap with budget left is counted and reported:
+    its final accuracy is from earlier in the simulated time than fedavg's."""
+    def budgeted(sim_s, rounds, budget=1000.0, cap=36):
+        run = _run(10, 1, 0.6)
+        run["summary"].update(sim_s=sim_s, rounds=rounds)
+        return {**run, "rounds_cap": cap, "sim_budget_s": budget}
+
+    fmes = summarize([budgeted(500.0, 36), budgeted(540.0, 36), budgeted(1010.0, 30)], 0.5)
+    assert fmes["capped_seeds"] == 2 and fmes["budget_share"] == pytest.approx(0.54)
+    flux = summarize([budgeted(1005.0, 20), budgeted(1001.0, 36)], 0.5)  # ended by the budget
+    assert flux["capped_seeds"] == 0 and flux["budget_share"] == pytest.approx(1.003)
+    fedavg = summarize([_run(10, 1, 0.6)], 0.5)  # no budget of its own
+    assert fedavg["budget_share"] is None and fedavg["capped_seeds"] == 0
+    r = {"s": {"fedavg": fedavg, "fmes": fmes, "flux": flux}}
+    table = bench_table(r, speedups(r), {"s": 0.5})
+    assert ("fmes: the round cap (time_budget_from_fedavg) ended 2/3 runs before fedavg's simulated time "
+            "(median 54% of it spent)") in table
+    assert "flux: the round cap" not in table and "fedavg: the round cap" not in table
+
+
 def test_target_from_fedavg_is_the_stated_share_of_its_gain():
     runs = [_run(10, 1, 0.55), _run(10, 1, 0.65), _run(10, 1, 0.6)]
     assert target_from_fedavg(runs, 0.95) == pytest.approx(0.25 + 0.95 * 0.35)
