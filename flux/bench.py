@@ -20,8 +20,9 @@ Every (setting, method, seed) is one ``flux run`` into ``DIR/runs/<setting>/<met
 (already finished runs are reused, so an interrupted bench continues where it stopped).  Results:
 ``DIR/results.json`` ({setting: {method: {reached, rounds_to_target, tta_sim_s, tta_wall_s,
 final_accuracy, peak_memory_bytes, bytes_moved, ...}}}, medians over seeds, plus each seed's
-``tta_sim_s_per_seed``; ``flux_vs_baselines`` holds FLUX's speedup over the fastest baseline with
-its paired bootstrap interval over seeds), ``DIR/table.md`` and ``DIR/tta.png`` (accuracy over
+``tta_sim_s_per_seed``, and ``tta_held_sim_s``: the first crossing after which the curve stays
+within one test-set standard error of the target; ``flux_vs_baselines`` holds FLUX's speedup over
+the fastest baseline with its paired bootstrap interval over seeds, on both crossings), ``DIR/table.md`` and ``DIR/tta.png`` (accuracy over
 simulated time, one curve per method, the target as a line).  ``flux bench --seeds 0,1,2,3,4``
 replaces the config's seeds (runs of seeds already done are reused).
 """
@@ -240,19 +241,39 @@ def _median_reaching(xs: list) -> Optional[float]:
     return None if math.isinf(mid) else mid
 
 
+def hold_margin(runs: list[dict], target: float, metric: str) -> float:
+    """How far below an accuracy target a run may dip after reaching it and still count as held:
+    one binomial standard error of a test accuracy at the target, sqrt(t (1 - t) / n) with n the
+    runs' median test-set size (a smaller dip is within the test set's own noise). 0 for a loss
+    target (no test-set noise model: any rise above it undoes the crossing)."""
+    if metric != "accuracy":
+        return 0.0
+    n = _median([r["summary"].get("test_examples") for r in runs])
+    if not n or not 0 <= target <= 1:
+        return 0.0
+    return (target * (1 - target) / n) ** 0.5
+
+
 def summarize(runs: list[dict], target: float, metric: str = "accuracy") -> dict:
     """Medians (and standard errors) over seeds of one (setting, method); time-to-target is
-    recomputed from each run's metrics for the bench's ``target`` on ``metric``."""
-    from flux.federation.metrics import time_to_target
+    recomputed from each run's metrics for the bench's ``target`` on ``metric``, both as the first
+    crossing (``tta_sim_s``) and as the first crossing that holds to the run's end within
+    :func:`hold_margin` (``tta_held_sim_s``)."""
+    from flux.federation.metrics import time_to_held_target, time_to_target
 
-    tta_sim, tta_wall, rounds = [], [], []
+    higher = TARGET_METRICS[metric]
+    margin = hold_margin(runs, target, metric)
+    tta_sim, tta_wall, rounds, held_sim = [], [], [], []
     for r in runs:
-        tta = time_to_target(r["metrics"], target, key=metric, higher_is_better=TARGET_METRICS[metric])
+        tta = time_to_target(r["metrics"], target, key=metric, higher_is_better=higher)
         tta_sim.append(tta["sim_s"] if tta else None)
         tta_wall.append(tta["wall_s"] if tta else None)
         rounds.append(tta.get("round") if tta else None)
+        held = time_to_held_target(r["metrics"], target, key=metric, higher_is_better=higher, margin=margin)
+        held_sim.append(held["sim_s"] if held else None)
     reached = sum(t is not None for t in tta_sim)
     half = reached * 2 > len(runs)  # the median seed reached the target
+    held_reached = sum(t is not None for t in held_sim)
     return {
         "metric": metric,
         "reached": half,
@@ -262,6 +283,15 @@ def summarize(runs: list[dict], target: float, metric: str = "accuracy") -> dict
         "tta_wall_s": _median_reaching(tta_wall),
         # per seed, in the bench's seed order (None: never reached), for paired comparisons
         "tta_sim_s_per_seed": tta_sim,
+        # the crossing that holds: from there on no evaluation is more than hold_margin short
+        "hold_margin": margin,
+        "reached_held": held_reached * 2 > len(runs),
+        "reached_held_seeds": f"{held_reached}/{len(runs)}",
+        "tta_held_sim_s": _median_reaching(held_sim),
+        "tta_held_sim_s_per_seed": held_sim,
+        # median simulated seconds between evaluations: a run evaluated more often has more
+        # chances to dip, so the held crossing is compared knowing each method's cadence
+        "eval_interval_s": _median([_eval_interval(r["metrics"], metric) for r in runs]),
         "final_loss": _median([final_value(r, "loss") for r in runs]),
         "base_loss": _median([(r["summary"].get("base") or {}).get("loss") for r in runs]),
         "final_accuracy": _median([r["summary"]["final_accuracy"] for r in runs]),
@@ -284,6 +314,13 @@ def summarize(runs: list[dict], target: float, metric: str = "accuracy") -> dict
         "seeds": len(runs),
         **_budget_use(runs),
     }
+
+
+def _eval_interval(records: list[dict], metric: str) -> Optional[float]:
+    """Median simulated seconds between a run's consecutive evaluations of ``metric``."""
+    times = [r["sim_s"] for r in records if r.get(metric) is not None and r.get("sim_s") is not None]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return statistics.median(gaps) if gaps else None
 
 
 def _budget_use(runs: list[dict]) -> dict:
@@ -376,12 +413,54 @@ def speedups(results: dict) -> dict:
             interval = speedup_interval(best[1].get("tta_sim_s_per_seed"), flux_r.get("tta_sim_s_per_seed"))
             if interval is not None:
                 entry["flux_speedup_sim_interval"] = interval
+        entry.update(_held_speedup(by_method))
         if flux_r and "fedavg" in by_method and flux_r["final_accuracy"] is not None:
             entry["flux_minus_fedavg_final_accuracy"] = flux_r["final_accuracy"] - by_method["fedavg"]["final_accuracy"]
         if flux_r and "fedavg" in by_method and None not in (flux_r.get("final_loss"), by_method["fedavg"].get("final_loss")):
             entry["flux_minus_fedavg_final_loss"] = flux_r["final_loss"] - by_method["fedavg"]["final_loss"]
         out[setting] = entry
     return out
+
+
+def _held_speedup(by_method: dict) -> dict:
+    """FLUX's simulated speedup on the held crossing (``tta_held_sim_s``) over the baseline whose
+    held crossing comes first, with its paired bootstrap interval; {} when summaries predate it."""
+    flux_r = by_method.get("flux")
+    if not flux_r or "tta_held_sim_s" not in flux_r:
+        return {}
+    base = {m: r for m, r in by_method.items() if m in BASELINE_METHODS and r.get("reached_held")}
+    best = min(base.items(), key=lambda kv: kv[1]["tta_held_sim_s"]) if base else None
+    entry: dict = {"best_baseline_held": best[0] if best else None}
+    if flux_r["reached_held"] and best:
+        entry["flux_speedup_held_sim"] = best[1]["tta_held_sim_s"] / flux_r["tta_held_sim_s"]
+        interval = speedup_interval(best[1]["tta_held_sim_s_per_seed"], flux_r["tta_held_sim_s_per_seed"])
+        if interval is not None:
+            entry["flux_speedup_held_sim_interval"] = interval
+    return entry
+
+
+def _held_text(by_method: dict, gains: dict) -> Optional[str]:
+    """The line under a table that gives each method's held crossing and FLUX's speedup on it."""
+    rows = {m: r for m, r in by_method.items() if "tta_held_sim_s" in r}
+    if not rows:
+        return None
+    margin = next(iter(rows.values()))["hold_margin"]
+    fmt = lambda v: "not on the median seed" if v is None else f"at {v:,.0f} s"  # noqa: E731
+    every = lambda r: ("" if r.get("eval_interval_s") is None  # noqa: E731
+                       else f" (evaluated every {r['eval_interval_s']:,.0f} s)")
+    parts = ", ".join(f"{m} {r['reached_held_seeds']} {fmt(r['tta_held_sim_s'])}{every(r)}" for m, r in rows.items())
+    what = (f"no later evaluation is more than {margin * 100:.1f} points short of it" if margin
+            else "no later evaluation misses it")
+    line = (f"Held target (the first crossing after which {what}; median simulated time; a method evaluated "
+            f"more often has more chances to dip): {parts}.")
+    if "flux_speedup_held_sim" in gains:
+        line += (f" FLUX vs best baseline held ({gains['best_baseline_held']}): "
+                 f"{gains['flux_speedup_held_sim']:.2f}x{_interval_text(gains.get('flux_speedup_held_sim_interval'))}.")
+    elif "flux" in rows and not rows["flux"]["reached_held"]:
+        line += " FLUX's crossing did not hold on its median seed."
+    elif gains.get("best_baseline_held") is None:
+        line += " No memory-limited baseline's crossing held on its median seed."
+    return line
 
 
 def _interval_text(interval: Optional[dict]) -> str:
@@ -441,6 +520,9 @@ def bench_table(results: dict, gains: dict, targets: dict) -> str:
             lines.append("No memory-limited baseline reached the target.")
         else:
             lines.append("FLUX did not reach the target.")
+        held = _held_text(by_method, g)
+        if held is not None:
+            lines.append(held)
         if "flux_minus_fedavg_final_accuracy" in g:
             lines.append(f"FLUX final accuracy - fedavg: {g['flux_minus_fedavg_final_accuracy'] * 100:+.1f} points.")
         if metric == "loss" and "flux_minus_fedavg_final_loss" in g:

@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_arguments(sub.add_parser(
         "export", help="save a run's fine-tuned model (newest checkpoint) with save_pretrained: flux export RUN_DIR OUT_DIR"))
+    from flux.federation.cli import add_evaluate_arguments
+
+    add_evaluate_arguments(sub.add_parser(
+        "evaluate", help="score a run's newest checkpoint on its held-out data (per task): flux evaluate RUN_DIR"))
     from flux.models.cli import add_pretrain_arguments
 
     add_pretrain_arguments(sub.add_parser(

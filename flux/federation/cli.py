@@ -1,11 +1,13 @@
 """``flux run``: one command for a federated job (config file, overrides, processes, resume);
-``flux export RUN_DIR OUT_DIR``: the run's fine-tuned model in its transformers format."""
+``flux export RUN_DIR OUT_DIR``: the run's fine-tuned model in its transformers format;
+``flux evaluate RUN_DIR``: that model's held-out metrics (per task where there are several)."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 EXIT_BAD_CONFIG = 2
 
@@ -63,29 +65,76 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------- flux export
-def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+# ---------------------------------------------------------------- flux export / flux evaluate
+def _run_dir_arguments(parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], int]) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a flux run directory (config.toml + checkpoints/)")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the model (replaced if it exists)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
-    parser.set_defaults(func=export_command)
+    parser.set_defaults(func=command)
+
+
+def _on_run_dir(command: str, run_dir: str, action: Callable[[], Any]) -> tuple[int, Any]:
+    """``(exit status, action's result)``: what a command that rebuilds RUN_DIR prints and
+    returns when the directory is not a run, has no checkpoint or holds a config invalid here."""
+    from flux.federation.config import ConfigError
+
+    try:
+        return 0, action()
+    except ConfigError as exc:
+        print(f"flux {command}: bad config in {run_dir}/config.toml: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG, None
+    except (FileNotFoundError, LookupError) as exc:
+        print(f"flux {command}: {exc}", file=sys.stderr)
+        return 1, None
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _run_dir_arguments(parser, export_command)
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the model (replaced if it exists)")
     return parser
 
 
 def export_command(args: argparse.Namespace) -> int:
     """Rebuild RUN_DIR's model, load its newest checkpoint and save it with save_pretrained to
     OUT_DIR (plus head.safetensors/head.json for a classification task and the tokenizer)."""
-    from flux.federation.config import ConfigError
     from flux.models.export import export_run
 
-    try:
-        out, rounds = export_run(args.run_dir, args.out_dir, progress=not args.quiet)
-    except ConfigError as exc:
-        print(f"flux export: bad config in {args.run_dir}/config.toml: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    except (FileNotFoundError, LookupError) as exc:
-        print(f"flux export: {exc}", file=sys.stderr)
-        return 1
-    print(f"flux export: the model after round {rounds} of {args.run_dir} is in {out}/ "
-          "(AutoModelForCausalLM.from_pretrained loads it)")
-    return 0
+    status, done = _on_run_dir("export", args.run_dir,
+                               lambda: export_run(args.run_dir, args.out_dir, progress=not args.quiet))
+    if status == 0:
+        out, rounds = done
+        print(f"flux export: the model after round {rounds} of {args.run_dir} is in {out}/ "
+              "(AutoModelForCausalLM.from_pretrained loads it)")
+    return status
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _run_dir_arguments(parser, evaluate_command)
+    parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON to PATH")
+    return parser
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Score RUN_DIR's newest checkpoint on the run's held-out data and print the metrics (a
+    table per task for multiple choice)."""
+    from flux.federation.metrics import write_json_atomic
+    from flux.federation.reload import evaluate_run
+
+    status, result = _on_run_dir("evaluate", args.run_dir, lambda: evaluate_run(args.run_dir, progress=not args.quiet))
+    if status == 0:
+        print(evaluation_text(result, args.run_dir))
+        if args.json:
+            write_json_atomic(args.json, result)
+    return status
+
+
+def evaluation_text(result: dict, run_dir: str) -> str:
+    """``flux evaluate``'s report: the scalar metrics, then one row per task when there are several."""
+    scalars = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+    lines = [f"{run_dir} after round {result['round']} ({result['task']}, {result['test_examples']} held-out "
+             f"examples): {scalars}"]
+    accuracy, loss = result.get("accuracy_per_task") or {}, result.get("loss_per_task") or {}
+    if accuracy:
+        lines += ["", "| task | accuracy | loss |", "|---|---|---|"]
+        lines += [f"| {task} | {accuracy[task]:.3f} | " + (f"{loss[task]:.3f}" if task in loss else "-") + " |"
+                  for task in accuracy]
+    return "\n".join(lines)

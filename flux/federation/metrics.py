@@ -97,6 +97,32 @@ def time_to_target(records: Sequence[dict], target: float, *, key: str, higher_i
     return None
 
 
+def time_to_held_target(records: Sequence[dict], target: float, *, key: str, higher_is_better: bool,
+                        margin: float) -> Optional[dict]:
+    """Like :func:`time_to_target`, but the first crossing that *holds*: the first record that
+    reaches ``target`` after which no evaluated record falls more than ``margin`` short of it
+    (below ``target - margin`` when higher is better, above ``target + margin`` otherwise).
+
+    A single lucky evaluation on a zig-zagging curve counts for the plain crossing; this one only
+    counts the point from which the run stays at the target (within ``margin``, e.g. one test-set
+    standard error: a smaller dip is test noise). None if no crossing holds to the run's end."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    evaluated = [r for r in records if r.get(key) is not None
+                 and not (isinstance(r[key], float) and math.isnan(r[key]))]
+    sign = 1.0 if higher_is_better else -1.0
+    held = None  # the earliest crossing not yet undone by a later dip, scanning backwards
+    for r in reversed(evaluated):
+        gap = sign * (r[key] - target)  # >= 0: at the target
+        if gap < -margin:
+            break
+        if gap >= 0:
+            held = r
+    if held is None:
+        return None
+    return {"wall_s": held.get("wall_s"), "sim_s": held.get("sim_s"), "round": held.get("round")}
+
+
 def plot_accuracy(records: Sequence[dict], path: str | os.PathLike, *, target: Optional[float] = None,
                   title: str = "") -> None:
     """Accuracy vs measured wall-clock (left) and vs simulated participant clock (right), PNG.

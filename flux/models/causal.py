@@ -113,7 +113,8 @@ class MoECausalLM(nn.Module):
         same with log-likelihood per character of the choice (``acc_norm``); ``accuracy``: the one
         of the two named by ``mc_metric``; ``loss``: mean per-token negative log-likelihood of the
         correct choice; ``accuracy_per_task``: ``{task: accuracy}`` (``mc_metric``'s), to compare
-        with each task's majority answer (:mod:`flux.models.majority`).
+        with each task's majority answer (:mod:`flux.models.majority`); ``loss_per_task``:
+        ``{task: loss}`` (which tasks a pooled loss comes from).
         """
         from flux.data.instructions import EncodedInstructions
 
@@ -139,7 +140,9 @@ class MoECausalLM(nn.Module):
         out = choice_metrics(scores, tokens, data)
         out["accuracy_acc"] = out["accuracy"]
         out["accuracy"] = out["accuracy_norm"] if self.mc_metric == "acc_norm" else out["accuracy_acc"]
-        out["accuracy_per_task"] = {task: v[self.mc_metric] for task, v in out.pop("per_task").items()}
+        per_task = out.pop("per_task")
+        out["accuracy_per_task"] = {task: v[self.mc_metric] for task, v in per_task.items()}
+        out["loss_per_task"] = {task: v["loss"] for task, v in per_task.items()}
         return out
 
 
@@ -152,7 +155,7 @@ def choice_metrics(scores: Tensor, tokens: Tensor, data) -> dict:
         data: the ``EncodedChoices`` the rows come from.
 
     Returns ``{"accuracy", "accuracy_norm", "loss"}`` floats and ``"per_task"``:
-    ``{task: {"acc", "acc_norm"}}``.
+    ``{task: {"acc", "acc_norm", "loss"}}``.
     """
     n = len(data)
     neg = torch.finfo(torch.float64).min
@@ -173,19 +176,21 @@ def choice_metrics(scores: Tensor, tokens: Tensor, data) -> dict:
     return {"accuracy": float((pick == data.answers).double().mean()),
             "accuracy_norm": float((pick_norm == data.answers).double().mean()),
             "loss": float(nll.mean()),
-            "per_task": _per_task(pick == data.answers, pick_norm == data.answers, data.tasks)}
+            "per_task": _per_task(pick == data.answers, pick_norm == data.answers, nll, data.tasks)}
 
 
-def _per_task(hit: Tensor, hit_norm: Tensor, tasks: list[str]) -> dict[str, dict[str, float]]:
-    """``{task: {"acc": share correct, "acc_norm": same, length-normalised}}`` from per-example
-    bool ``[N]`` hits: a pooled accuracy hides which tasks learn and which sit at their prior."""
+def _per_task(hit: Tensor, hit_norm: Tensor, nll: Tensor, tasks: list[str]) -> dict[str, dict[str, float]]:
+    """``{task: {"acc": share correct, "acc_norm": same, length-normalised, "loss": mean
+    correct-answer loss}}`` from per-example bool ``[N]`` hits and float64 ``[N]`` losses: a
+    pooled number hides which tasks learn and which sit at their prior."""
     rows: dict[str, list[int]] = {}
     for i, task in enumerate(tasks):
         rows.setdefault(task, []).append(i)
     out = {}
     for task, indices in sorted(rows.items()):
         idx = torch.tensor(indices)
-        out[task] = {"acc": float(hit[idx].double().mean()), "acc_norm": float(hit_norm[idx].double().mean())}
+        out[task] = {"acc": float(hit[idx].double().mean()), "acc_norm": float(hit_norm[idx].double().mean()),
+                     "loss": float(nll[idx].mean())}
     return out
 
 

@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_INFO = "head.json"
@@ -101,32 +101,15 @@ def load_head(model_dir: str | os.PathLike):
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = False) -> tuple[Path, int]:
     """Rebuild the workload of ``run_dir/config.toml``, load the model state of its newest
-    checkpoint and :func:`export_model` it to ``out_dir``.  Returns ``(out_dir, rounds completed)``.
+    checkpoint (:func:`flux.federation.reload.load_run`) and :func:`export_model` it to
+    ``out_dir``.  Returns ``(out_dir, rounds completed)``.
 
     Raises:
         FileNotFoundError: no ``config.toml`` in ``run_dir``.
         LookupError: the run has no readable checkpoint.
         flux.federation.errors.ConfigError: the saved config is invalid here.
     """
-    from flux.federation.checkpoint import load_latest
-    from flux.federation.config import load_config
-    from flux.federation.workload import all_threads, build_workload
+    from flux.federation.reload import load_run
 
-    run = Path(run_dir)
-    config = run / "config.toml"
-    if not config.is_file():
-        raise FileNotFoundError(f"{run} has no config.toml: not a flux run directory")
-    found = _latest(run, load_latest)
-    cfg = load_config(str(config))
-    with all_threads():
-        work = build_workload(cfg, progress=progress)
-    rounds, state = found
-    work.model.load_state_dict(state["model"])
+    work, rounds = load_run(run_dir, progress=progress)
     return export_model(work, out_dir, progress=progress), rounds
-
-
-def _latest(run: Path, load_latest) -> tuple[int, dict]:
-    found: Optional[tuple[int, dict]] = load_latest(run)
-    if found is None:
-        raise LookupError(f"{run} has no readable checkpoint (checkpoints/); was checkpoint.every = 0?")
-    return found

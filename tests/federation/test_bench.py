@@ -129,6 +129,39 @@ def test_the_table_states_the_majority_answer_floor():
         r, speedups(r), {"s": 0.5})
 
 
+def _zigzag_run(accs, dt=100.0):
+    """A finished run evaluated every ``dt`` simulated seconds with accuracies ``accs``."""
+    run = _run(None, None, accs[-1])
+    run["metrics"] = [{"round": i + 1, "accuracy": a, "sim_s": dt * (i + 1), "wall_s": float(i + 1)}
+                      for i, a in enumerate(accs)]
+    return run
+
+
+def test_the_held_crossing_is_summarized_and_compared_under_the_table():
+    """A lucky early crossing that the curve undoes counts for the plain time-to-target only; the
+    held one is the crossing from which no evaluation is more than one test-set SE short (1,200
+    test examples at a 0.60 target: 1.41 points)."""
+    fmes = [_zigzag_run([0.61, 0.50, 0.55, 0.60, 0.59, 0.62]) for _ in range(3)]  # held from 400 s
+    flux = [_zigzag_run([0.50, 0.60, 0.58, 0.61, 0.62, 0.61]) for _ in range(3)]  # 0.58: 2 points short
+    r = {"s": {"fmes": summarize(fmes, 0.6), "flux": summarize(flux, 0.6)}}
+    assert r["s"]["fmes"]["hold_margin"] == pytest.approx((0.6 * 0.4 / 1200) ** 0.5)
+    assert r["s"]["fmes"]["tta_sim_s"] == 100.0 and r["s"]["fmes"]["tta_held_sim_s"] == 400.0
+    assert r["s"]["flux"]["tta_sim_s"] == 200.0 and r["s"]["flux"]["tta_held_sim_s"] == 400.0
+    assert r["s"]["flux"]["tta_held_sim_s_per_seed"] == [400.0] * 3
+    g = speedups(r)["s"]
+    assert g["flux_speedup_sim"] == pytest.approx(0.5) and g["flux_speedup_held_sim"] == pytest.approx(1.0)
+    table = bench_table(r, speedups(r), {"s": 0.6})
+    assert r["s"]["flux"]["eval_interval_s"] == 100.0
+    assert ("Held target (the first crossing after which no later evaluation is more than 1.4 points short of it; "
+            "median simulated time; a method evaluated more often has more chances to dip): fmes 3/3 at 400 s "
+            "(evaluated every 100 s), flux 3/3 at 400 s (evaluated every 100 s). FLUX vs best baseline held (fmes): "
+            "1.00x" in table)
+    # FLUX's crossing never holds when its last evaluation ends short of the margin
+    r["s"]["flux"] = summarize([_zigzag_run([0.50, 0.61, 0.57]) for _ in range(3)], 0.6)
+    assert r["s"]["flux"]["reached_held_seeds"] == "0/3" and r["s"]["flux"]["tta_held_sim_s"] is None
+    assert "FLUX's crossing did not hold on its median seed." in bench_table(r, speedups(r), {"s": 0.6})
+
+
 def test_the_table_says_when_the_round_cap_ended_runs_before_fedavg_s_time():
     """A time-budgeted run that stops at the round cap with budget left is counted and reported:
     its final accuracy is from earlier in the simulated time than fedavg's."""

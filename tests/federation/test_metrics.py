@@ -6,7 +6,7 @@ import json
 import pytest
 
 from flux.federation.metrics import (MetricsWriter, plot_accuracy, progress_line, read_metrics, result_table,
-                                     time_to_accuracy, write_json_atomic)
+                                     time_to_accuracy, time_to_held_target, write_json_atomic)
 
 
 def rec(r: int, acc, *, wall=None, sim=None) -> dict:
@@ -55,6 +55,27 @@ def test_time_to_accuracy_is_the_first_round_at_or_above_target():
     assert time_to_accuracy(records, 0.55) == {"wall_s": 7.5, "sim_s": 31.0, "round": 3}
     assert time_to_accuracy(records, 0.8) is None
     assert time_to_accuracy([], 0.5) is None
+
+
+def test_the_held_crossing_is_the_first_after_which_no_evaluation_dips_past_the_margin():
+    # 0.62 at round 2 is a lucky crossing (0.50 at round 4 undoes it); from round 6 on the curve
+    # stays within 0.02 of the 0.60 target (0.59 at round 10 is a dip inside the margin)
+    accs = [0.40, 0.62, None, 0.50, 0.55, 0.61, 0.63, 0.60, 0.59, 0.65]
+    records = [rec(i + 1, a) for i, a in enumerate(accs)]
+    held = time_to_held_target(records, 0.60, key="accuracy", higher_is_better=True, margin=0.02)
+    assert held == {"wall_s": 12.0, "sim_s": 60.0, "round": 6}
+    assert time_to_accuracy(records, 0.60)["round"] == 2  # the plain crossing takes the lucky one
+    # with no margin the dip at round 10 undoes every crossing before it
+    assert time_to_held_target(records, 0.60, key="accuracy", higher_is_better=True, margin=0.0)["round"] == 10
+    # a run that ends below target - margin never held it
+    assert time_to_held_target(records + [rec(11, 0.55)], 0.60, key="accuracy", higher_is_better=True,
+                               margin=0.02) is None
+    # a loss target holds from above: no later loss above target + margin
+    losses = [{"round": i, "loss": v, "sim_s": float(i), "wall_s": float(i)} for i, v in enumerate([3.0, 1.9, 2.4, 1.95, 2.0, 1.8], 1)]
+    assert time_to_held_target(losses, 2.0, key="loss", higher_is_better=False, margin=0.0)["round"] == 4
+    assert time_to_held_target(losses, 2.0, key="loss", higher_is_better=False, margin=0.5)["round"] == 2
+    with pytest.raises(ValueError, match="margin"):
+        time_to_held_target(records, 0.6, key="accuracy", higher_is_better=True, margin=-0.1)
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -85,6 +85,7 @@ def test_loglikelihood_ranking_picks_the_most_likely_choice():
     nll1 = -math.log(0.25)
     assert out["loss"] == pytest.approx((nll0 + nll1) / 2, rel=1e-5)
     assert out["accuracy_per_task"] == {"a": 0.0, "b": 1.0}  # mc_metric's ranking, per task
+    assert out["loss_per_task"] == pytest.approx({"a": nll0, "b": nll1}, rel=1e-5)  # each task's own loss
 
 
 def test_length_normalisation_can_change_the_pick():
@@ -97,10 +98,13 @@ def test_length_normalisation_can_change_the_pick():
     assert out["accuracy"] == pytest.approx(0.5)  # ex 0 picks choice 0 (-3 > -4): wrong; ex 1 right
     assert out["accuracy_norm"] == pytest.approx(1.0)  # -4/8 > -3/1: choice 1, right
     # tasks "a" (example 0) and "b" (example 1): per task, each ranking's own hits
-    assert out["per_task"] == {"a": {"acc": 0.0, "acc_norm": 1.0}, "b": {"acc": 1.0, "acc_norm": 1.0}}
+    # (the correct answer's loss: example 0's choice 1 scores -4 over 1 token, example 1's choice 0 -1)
+    assert out["per_task"] == {"a": {"acc": 0.0, "acc_norm": 1.0, "loss": 4.0},
+                               "b": {"acc": 1.0, "acc_norm": 1.0, "loss": 1.0}}
     pooled = EncodedChoices(data.input_ids, data.attention_mask, data.loss_mask, data.example, data.choice,
                             data.answers, chars, ["a", "a"])
-    assert choice_metrics(scores, torch.ones(5, dtype=torch.long), pooled)["per_task"] == {"a": {"acc": 0.5, "acc_norm": 1.0}}
+    assert choice_metrics(scores, torch.ones(5, dtype=torch.long), pooled)["per_task"] == {
+        "a": {"acc": 0.5, "acc_norm": 1.0, "loss": 2.5}}
 
 
 def test_instruction_loss_is_mean_answer_token_nll():

@@ -1,0 +1,53 @@
+"""A finished (or interrupted) run brought back: its workload rebuilt from ``RUN_DIR/config.toml``
+with the model state of its newest checkpoint (:func:`load_run`, used by ``flux export``), and
+that model scored on the run's own held-out data (:func:`evaluate_run`, ``flux evaluate``): the
+numbers a run logs only at its evaluation rounds, for any checkpoint kept, per task where the
+task has several."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flux.federation.workload import Workload
+
+
+def load_run(run_dir: str | os.PathLike, *, progress: bool = False) -> tuple[Workload, int]:
+    """``(workload, rounds completed)``: ``run_dir``'s workload (data, tokenizer, model) rebuilt
+    from its ``config.toml``, the global model loaded with its newest readable checkpoint.
+
+    Raises:
+        FileNotFoundError: no ``config.toml`` in ``run_dir``.
+        LookupError: the run has no readable checkpoint.
+        flux.federation.errors.ConfigError: the saved config is invalid here.
+    """
+    from flux.federation.checkpoint import load_latest
+    from flux.federation.config import load_config
+    from flux.federation.workload import all_threads, build_workload
+
+    run = Path(run_dir)
+    config = run / "config.toml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{run} has no config.toml: not a flux run directory")
+    found = load_latest(run)
+    if found is None:
+        raise LookupError(f"{run} has no readable checkpoint (checkpoints/); was checkpoint.every = 0?")
+    cfg = load_config(str(config))
+    with all_threads():
+        work = build_workload(cfg, progress=progress)
+    rounds, state = found
+    work.model.load_state_dict(state["model"])
+    return work, rounds
+
+
+def evaluate_run(run_dir: str | os.PathLike, *, progress: bool = False) -> dict[str, Any]:
+    """The held-out metrics of ``run_dir``'s newest checkpoint on the run's test split (the one
+    its evaluation rounds used), plus ``round`` (rounds completed) and ``task`` (the workload's
+    kind). Multiple-choice runs include ``accuracy_per_task`` and ``loss_per_task``."""
+    from flux.federation.workload import all_threads
+    from flux.models import evaluate
+
+    work, rounds = load_run(run_dir, progress=progress)
+    with all_threads():  # evaluation does not change the model: any thread count
+        result = evaluate(work.model, work.test)
+    return {"round": rounds, "task": work.kind, "test_examples": len(work.test), **result}
