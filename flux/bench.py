@@ -21,10 +21,11 @@ Every (setting, method, seed) is one ``flux run`` into ``DIR/runs/<setting>/<met
 ``DIR/results.json`` ({setting: {method: {reached, rounds_to_target, tta_sim_s, tta_wall_s,
 final_accuracy, peak_memory_bytes, bytes_moved, ...}}}, medians over seeds, plus each seed's
 ``tta_sim_s_per_seed``, and ``tta_held_sim_s``: the first crossing after which the curve stays
-within one test-set standard error of the target; ``flux_vs_baselines`` holds FLUX's speedup over
-the fastest baseline with its paired bootstrap interval over seeds, on both crossings), ``DIR/table.md`` and ``DIR/tta.png`` (accuracy over
-simulated time, one curve per method, the target as a line).  ``flux bench --seeds 0,1,2,3,4``
-replaces the config's seeds (runs of seeds already done are reused).
+within one test-set standard error of the target; ``flux_vs_baselines`` holds FLUX's speedup
+over the fastest baseline with its paired bootstrap interval over seeds, on both crossings),
+``DIR/table.md`` and ``DIR/tta.png`` (accuracy over simulated time, one curve per method, the
+target as a line).  ``flux bench --seeds 0,1,2,3,4`` replaces the config's seeds (runs of seeds
+already done are reused).
 """
 from __future__ import annotations
 
@@ -400,20 +401,17 @@ def speedup_interval(base: Optional[Sequence[Optional[float]]], flux: Optional[S
 
 def speedups(results: dict) -> dict:
     """Per setting: FLUX's simulated TTA speedup over the fastest baseline (fmd/fmq/fmes) that
-    reached the target, and its final-accuracy gap to fedavg."""
+    reached the target, on the first crossing and on the held one, and its final-accuracy gap to
+    fedavg."""
     out = {}
     for setting, by_method in results.items():
         flux_r = by_method.get("flux")
-        base = {m: r for m, r in by_method.items() if m in BASELINE_METHODS and r["reached"]}
-        best = min(base.items(), key=lambda kv: kv[1]["tta_sim_s"]) if base else None
-        entry: dict = {"best_baseline": best[0] if best else None}
-        if flux_r and flux_r["reached"] and best:
-            entry["flux_speedup_sim"] = best[1]["tta_sim_s"] / flux_r["tta_sim_s"]
-            entry["flux_speedup_wall"] = best[1]["tta_wall_s"] / flux_r["tta_wall_s"]
-            interval = speedup_interval(best[1].get("tta_sim_s_per_seed"), flux_r.get("tta_sim_s_per_seed"))
-            if interval is not None:
-                entry["flux_speedup_sim_interval"] = interval
-        entry.update(_held_speedup(by_method))
+        entry = _speedup_over_best(by_method, reached="reached", time="tta_sim_s", suffix="")
+        if "flux_speedup_sim" in entry:
+            best = by_method[entry["best_baseline"]]
+            entry["flux_speedup_wall"] = best["tta_wall_s"] / flux_r["tta_wall_s"]
+        if flux_r and "tta_held_sim_s" in flux_r:  # summaries from before the held crossing lack it
+            entry.update(_speedup_over_best(by_method, reached="reached_held", time="tta_held_sim_s", suffix="_held"))
         if flux_r and "fedavg" in by_method and flux_r["final_accuracy"] is not None:
             entry["flux_minus_fedavg_final_accuracy"] = flux_r["final_accuracy"] - by_method["fedavg"]["final_accuracy"]
         if flux_r and "fedavg" in by_method and None not in (flux_r.get("final_loss"), by_method["fedavg"].get("final_loss")):
@@ -422,20 +420,20 @@ def speedups(results: dict) -> dict:
     return out
 
 
-def _held_speedup(by_method: dict) -> dict:
-    """FLUX's simulated speedup on the held crossing (``tta_held_sim_s``) over the baseline whose
-    held crossing comes first, with its paired bootstrap interval; {} when summaries predate it."""
+def _speedup_over_best(by_method: dict, *, reached: str, time: str, suffix: str) -> dict:
+    """``best_baseline{suffix}`` (the baseline with the earliest median ``time`` among those whose
+    ``reached`` holds) and, when FLUX reached too, ``flux_speedup{suffix}_sim`` (its ratio to
+    FLUX's) with ``flux_speedup{suffix}_sim_interval`` (paired bootstrap over the per-seed
+    ``{time}_per_seed``)."""
     flux_r = by_method.get("flux")
-    if not flux_r or "tta_held_sim_s" not in flux_r:
-        return {}
-    base = {m: r for m, r in by_method.items() if m in BASELINE_METHODS and r.get("reached_held")}
-    best = min(base.items(), key=lambda kv: kv[1]["tta_held_sim_s"]) if base else None
-    entry: dict = {"best_baseline_held": best[0] if best else None}
-    if flux_r["reached_held"] and best:
-        entry["flux_speedup_held_sim"] = best[1]["tta_held_sim_s"] / flux_r["tta_held_sim_s"]
-        interval = speedup_interval(best[1]["tta_held_sim_s_per_seed"], flux_r["tta_held_sim_s_per_seed"])
+    base = {m: r for m, r in by_method.items() if m in BASELINE_METHODS and r.get(reached)}
+    best = min(base.items(), key=lambda kv: kv[1][time]) if base else None
+    entry: dict = {f"best_baseline{suffix}": best[0] if best else None}
+    if flux_r and flux_r.get(reached) and best:
+        entry[f"flux_speedup{suffix}_sim"] = best[1][time] / flux_r[time]
+        interval = speedup_interval(best[1].get(f"{time}_per_seed"), flux_r.get(f"{time}_per_seed"))
         if interval is not None:
-            entry["flux_speedup_held_sim_interval"] = interval
+            entry[f"flux_speedup{suffix}_sim_interval"] = interval
     return entry
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flux.federation.workload import Workload
+if TYPE_CHECKING:  # the workload module pulls in torch and the models: imported when a run is loaded
+    from flux.federation.workload import Workload
 
 
-def load_run(run_dir: str | os.PathLike, *, progress: bool = False) -> tuple[Workload, int]:
+def load_run(run_dir: str | os.PathLike, *, progress: bool = False) -> tuple["Workload", int]:
     """``(workload, rounds completed)``: ``run_dir``'s workload (data, tokenizer, model) rebuilt
     from its ``config.toml``, the global model loaded with its newest readable checkpoint.
 
