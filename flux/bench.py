@@ -207,15 +207,20 @@ REPORT_ONLY_KEYS = ("target_accuracy",)
 
 def _check_reused(out: Path, cfg) -> None:
     """A finished run is reused only for the config it ran (its ``config.toml``, read with
-    today's defaults for keys it predates; :data:`REPORT_ONLY_KEYS` aside): reusing it for
+    today's defaults for keys it predates; :data:`REPORT_ONLY_KEYS` and the keys only other
+    methods read, ``Method.own_config_keys``, aside): reusing it for
     another (a changed bench config or ``--set``) would report one config's numbers under
     another's name."""
     from flux.federation.config import config_to_dict, load_config
+    from flux.methods.registry import method_class, method_names
 
     had, want = [], []
     _flatten("", config_to_dict(load_config(str(out / "config.toml"))), had)
     _flatten("", config_to_dict(cfg), want)
-    differ = sorted({kv.split("=", 1)[0] for kv in set(had) ^ set(want)} - set(REPORT_ONLY_KEYS))
+    # keys only another built-in method reads do not change this run
+    others = {k for m in method_names() if m != cfg.method for k in method_class(m).own_config_keys}
+    mine = set(method_class(cfg.method).own_config_keys)
+    differ = sorted({kv.split("=", 1)[0] for kv in set(had) ^ set(want)} - set(REPORT_ONLY_KEYS) - (others - mine))
     if differ:
         raise BenchConfigError(f"{out} holds a finished run of another config (differs in {', '.join(differ)}); "
                                "bench into another --out, or delete that run to redo it")

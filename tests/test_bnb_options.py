@@ -60,7 +60,7 @@ def no_bnb(monkeypatch):
 
 def test_defaults_are_flux_own_paths():
     cfg = RunConfig()
-    assert (cfg.flux.frozen_format, cfg.flux.optimizer, cfg.fmq.weight_format) == ("full", "adamw", "int4")
+    assert (cfg.flux.frozen_format, cfg.flux.optimizer, cfg.fmq.weight_format) == ("int4", "adamw", "int4")
     # one list of names per option, whatever module reads it
     assert config_module.FROZEN_FORMATS == tuple(merged_view_module.FROZEN_FORMATS)
     assert merged_view_module.FROZEN_FORMATS["full"] is None
@@ -82,7 +82,10 @@ def test_quantized_frozen_groups_refuse_zeroth_order_exploration():
         with pytest.raises(ConfigError, match="exploration") as err:
             load_config(overrides=[f"flux.frozen_format={fmt}", "flux.exploration=zo"])
         assert err.value.key == "flux.frozen_format"
-    assert load_config(overrides=["flux.exploration=zo"]).flux.frozen_format == "full"
+    # the int4 default too, with the way out in the message
+    with pytest.raises(ConfigError, match='set flux.frozen_format = "full"'):
+        load_config(overrides=["flux.exploration=zo"])
+    assert load_config(overrides=["flux.exploration=zo", "flux.frozen_format=full"]).flux.exploration == "zo"
 
 
 @pytest.mark.parametrize("key,value", sorted(OPTIONS.items()))
@@ -320,7 +323,9 @@ def _run(tmp_path, name: str, overrides: list[str]) -> tuple[dict, list[dict]]:
 @pytest.fixture(scope="module")
 def default_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bnb-default")
-    return {m: _run(tmp, m, [f"method={m}"]) for m in ("flux", "fmq")}
+    runs = {m: _run(tmp, m, [f"method={m}"]) for m in ("flux", "fmq")}
+    runs["flux-full"] = _run(tmp, "flux-full", ["method=flux", "flux.frozen_format=full"])  # the paper's groups
+    return runs
 
 
 @needs_bnb
@@ -350,7 +355,8 @@ def test_tiny_run_goes_through_with_each_option(tmp_path, monkeypatch, default_r
     monkeypatch.setattr(local_module, "make_optimizer", spy_optimizer)
     monkeypatch.setattr(fmq_module.QuantizedAdamW, "__init__", spy_fmq)
     summary, rows = _run(tmp_path, value, [f"method={method}", f"{key}={value}"])
-    base_summary, base_rows = default_runs[method]
+    # nf4 groups against full-precision ones; the other options against the defaults (int4 groups)
+    base_summary, base_rows = default_runs["flux-full" if key == "flux.frozen_format" else method]
     assert [r["round"] for r in rows] == [1, 2] and summary["final_accuracy"] is not None
     assert all(r["loss"] == r["loss"] for r in rows)  # finite, not NaN
     assert summary["model_sha256"] != base_summary["model_sha256"]  # the option changed the training
@@ -360,7 +366,7 @@ def test_tiny_run_goes_through_with_each_option(tmp_path, monkeypatch, default_r
         assert summary["peak_memory_bytes"] < base_summary["peak_memory_bytes"]  # the frozen groups shrank
     elif key == "flux.optimizer":
         assert seen["optimizers"] and set(seen["optimizers"]) == {"AdamW8bit"}
-        assert set(seen["views"]) == {None}
+        assert set(seen["views"]) == {4}  # the default int4 groups
         assert summary["peak_memory_bytes"] < base_summary["peak_memory_bytes"]  # 8-bit moments
     else:
         assert seen["fmq"] and set(seen["fmq"]) == {"nf4"}

@@ -110,6 +110,10 @@ def export_command(args: argparse.Namespace) -> int:
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _run_dir_arguments(parser, evaluate_command)
     parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON to PATH")
+    parser.add_argument("--views", nargs="?", const="", metavar="FORMATS",
+                        help="also score each device class's FLUX view of the model (the merged model its "
+                             "participants train in), for the run's flux.frozen_format or each of the "
+                             "comma-separated FORMATS, e.g. --views full,int8,int4")
     return parser
 
 
@@ -119,9 +123,25 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from flux.federation.metrics import write_json_atomic
     from flux.federation.reload import evaluate_run
 
-    status, result = _on_run_dir("evaluate", args.run_dir, lambda: evaluate_run(args.run_dir, progress=not args.quiet))
+    views = None
+    if args.views is not None:
+        from flux.moe.merged_view import FROZEN_FORMATS
+
+        views = [f.strip() for f in args.views.split(",") if f.strip()]
+        unknown = [f for f in views if f not in FROZEN_FORMATS]
+        if unknown:
+            print(f"flux evaluate: unknown frozen format(s) {', '.join(unknown)} for --views; choose from "
+                  f"{', '.join(sorted(FROZEN_FORMATS))}", file=sys.stderr)
+            return 2
+    status, result = _on_run_dir("evaluate", args.run_dir,
+                                 lambda: evaluate_run(args.run_dir, progress=not args.quiet, views=views))
     if status == 0:
         print(evaluation_text(result, args.run_dir))
+        if "views" in result:
+            from flux.federation.views import views_text
+
+            print("\nWhat each device class trains in (FLUX's round-1 view: most-activated experts tuned, "
+                  "the rest merged):\n" + views_text({"global": result, "views": result["views"]}))
         if args.json:
             write_json_atomic(args.json, result)
     return status

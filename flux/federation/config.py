@@ -117,9 +117,10 @@ class FluxConfig:
     zo_sigma: float = 1e-3
     zo_perturbations: int = 8
     max_tune_fraction: float = 1.0  # 1 = memory alone decides B_tune (docs/techniques.md)
+    min_group_share: float = 0.5  # merged groups for >= this share of the non-tuning experts before B_tune (0 = tuning first; docs/techniques.md)
     utility_micro_batches: int = 4
     utility_steps: int = 2  # local steps that measure Eq. 3 (0 = every step, the exact estimate)
-    frozen_format: str = "full"  # merged (frozen) groups: full = the weight dtype, int4/int8 flux, nf4 bitsandbytes
+    frozen_format: str = "int4"  # merged (frozen) groups: int4/int8 flux, full = the weight dtype (the paper), nf4 bitsandbytes
     optimizer: str = "adamw"  # the tuning experts' (and dense trainables') local optimizer; adamw8bit = bitsandbytes
 
 
@@ -443,13 +444,15 @@ def validate(cfg: RunConfig) -> None:
     _check(math.isfinite(f.zo_sigma) and f.zo_sigma > 0, "flux.zo_sigma", f"must be > 0, got {f.zo_sigma}")
     _check(f.zo_perturbations >= 1, "flux.zo_perturbations", f"must be >= 1, got {f.zo_perturbations}")
     _check(0 < f.max_tune_fraction <= 1, "flux.max_tune_fraction", f"must be in (0, 1], got {f.max_tune_fraction}")
+    _check(0 <= f.min_group_share <= 1, "flux.min_group_share", f"must be in [0, 1], got {f.min_group_share}")
     _check(f.utility_steps >= 0, "flux.utility_steps", f"must be >= 0 (0 = every step), got {f.utility_steps}")
     _check(f.utility_micro_batches >= 1, "flux.utility_micro_batches", f"must be >= 1, got {f.utility_micro_batches}")
     _one_of(f.frozen_format, FROZEN_FORMATS, "flux.frozen_format")
     # zeroth-order exploration updates its (frozen) experts in place: quantized copies would drop it
     _check(f.frozen_format == "full" or f.exploration != "zo", "flux.frozen_format",
            f"{f.frozen_format!r} needs flux.exploration = \"backprop\": zeroth-order exploration updates frozen "
-           "groups in place, which quantized groups cannot hold")
+           "groups in place, which quantized groups cannot hold; with exploration = \"zo\" set "
+           "flux.frozen_format = \"full\"")
     if f.frozen_format == "nf4":
         _needs_bnb(f.frozen_format, "flux.frozen_format")
     _one_of(f.optimizer, OPTIMIZERS, "flux.optimizer")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 if TYPE_CHECKING:  # the workload module pulls in torch and the models: imported when a run is loaded
     from flux.federation.workload import Workload
@@ -41,14 +41,25 @@ def load_run(run_dir: str | os.PathLike, *, progress: bool = False) -> tuple["Wo
     return work, rounds
 
 
-def evaluate_run(run_dir: str | os.PathLike, *, progress: bool = False) -> dict[str, Any]:
+def evaluate_run(run_dir: str | os.PathLike, *, progress: bool = False,
+                 views: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """The held-out metrics of ``run_dir``'s newest checkpoint on the run's test split (the one
     its evaluation rounds used), plus ``round`` (rounds completed) and ``task`` (the workload's
-    kind). Multiple-choice runs include ``accuracy_per_task`` and ``loss_per_task``."""
+    kind). Multiple-choice runs include ``accuracy_per_task`` and ``loss_per_task``.
+
+    ``views``: also score each device class's FLUX view of that model, once per frozen format
+    listed (empty: the run's own ``flux.frozen_format``), as ``result["views"]``
+    (:func:`flux.federation.views.participant_view_quality`)."""
+    from flux.federation.config import load_config
     from flux.federation.workload import all_threads
     from flux.models import evaluate
 
     work, rounds = load_run(run_dir, progress=progress)
     with all_threads():  # evaluation does not change the model: any thread count
         result = evaluate(work.model, work.test)
+        if views is not None:
+            from flux.federation.views import participant_view_quality
+
+            cfg = load_config(str(Path(run_dir) / "config.toml"))
+            result["views"] = participant_view_quality(work, cfg, formats=list(views) or None)["views"]
     return {"round": rounds, "task": work.kind, "test_examples": len(work.test), **result}

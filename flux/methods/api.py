@@ -69,10 +69,14 @@ class Method:
         needs_profiles: whether the engine must profile each sampled participant's expert
             activations (quantized forward pass) and pass the profile to :meth:`plan` and
             :meth:`local_update`.
+        own_config_keys: dotted config keys that only this method reads: a run of any other
+            method is the same run whatever they hold, so ``flux bench`` reuses it across a
+            change of them (a new FLUX default does not invalidate the baselines' runs).
     """
 
     name: str = "base"
     needs_profiles: bool = False
+    own_config_keys: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ the round
     def setup(self, ctx: RunContext) -> None:

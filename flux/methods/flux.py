@@ -41,6 +41,12 @@ UTILITY_TTL_ROUNDS = 3
 class Flux(Method):
     name = "flux"
     needs_profiles = True
+    # the [flux] keys the engine reads for every profiling method (profile_bits, profile_samples,
+    # stale_profiling, hide_idle_profiling) are not among them
+    own_config_keys = tuple(f"flux.{k}" for k in (
+        "merge_mode", "merge_clustering", "epsilon_start", "epsilon_end", "epsilon_rounds", "exploration",
+        "exploration_draw", "zo_sigma", "zo_perturbations", "max_tune_fraction", "min_group_share",
+        "utility_micro_batches", "utility_steps", "frozen_format", "optimizer"))
 
     def __init__(self) -> None:
         self.budgets: dict[int, Any] = {}
@@ -56,7 +62,7 @@ class Flux(Method):
         self.budgets = per_device_memory(ctx, lambda memory: budgets_from_memory(
             ctx.work.handle, memory, optimizer=ctx.cfg.flux.optimizer, trainable=dense,
             frozen_bits=FROZEN_FORMATS[ctx.cfg.flux.frozen_format],
-            max_tune_fraction=ctx.cfg.flux.max_tune_fraction))
+            max_tune_fraction=ctx.cfg.flux.max_tune_fraction, min_group_share=ctx.cfg.flux.min_group_share))
 
     def schedule(self, ctx: RunContext):
         from flux.roles import EpsilonSchedule

@@ -242,6 +242,7 @@ class FMQ(Method):
     """Every participant trains every expert through int4 weights (module docstring)."""
 
     name = "fmq"
+    own_config_keys = ("fmq.weight_format",)
 
     def __init__(self) -> None:
         self.layouts: dict[int, QuantizedLayout] = {}

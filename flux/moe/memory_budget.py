@@ -17,6 +17,12 @@ Policy (:func:`budgets_from_memory`; every knob is an argument):
   are what the participant contributes to the global model, so they get memory first; the cap
   (default a quarter of the experts) keeps memory for merged groups, whose count bounds the
   merge error of the frozen part.
+* **Group share** (``min_group_share`` = s > 0): B_tune is instead the largest t whose layout
+  also holds ceil(s * (E_total - t)) merged groups (or the floor, if that is more), and at least
+  one tuning expert either way.  A tuning expert (weights, grads, optimizer state) costs several
+  merged groups, so a small device that tunes first is left with about one group per layer, and
+  the view it trains in is then far from the global model (``flux evaluate --views`` measures
+  it).  s = 0 is tuning first.
 * **Merged groups fill the rest**: B_non = the floor plus as many extra frozen groups (int4/int8
   with ``frozen_bits``) as fit, capped at E_total - t (a group per non-tuning expert is no
   merging at all).
@@ -200,6 +206,7 @@ def budgets_from_memory(
     trainable: Trainable = "none",
     max_tune_fraction: float = 0.25,
     min_merged_per_layer: int = 1,
+    min_group_share: float = 0.0,
     quantize_group_size: int = 64,
     keep_originals: bool = False,
     dtype: Optional[torch.dtype] = None,
@@ -216,6 +223,8 @@ def budgets_from_memory(
         trainable: non-expert parameters that are trained too ('none', 'all' or parameters).
         max_tune_fraction: cap on B_tune as a share of all experts, in (0, 1]; at least 1.
         min_merged_per_layer: merged groups every layer keeps (>= 0).
+        min_group_share: in [0, 1]: merged groups for at least this share of the non-tuning
+            experts before B_tune takes the rest of the memory (0: tuning first).
         quantize_group_size, keep_originals, dtype: as :class:`LayerLayout` / estimate_memory.
 
     Raises:
@@ -229,6 +238,9 @@ def budgets_from_memory(
         raise ValueError(f"frozen_bits must be None, 4, 8 or 'nf4', got {frozen_bits!r}")
     if not isinstance(max_tune_fraction, numbers.Real) or not 0 < max_tune_fraction <= 1:
         raise ValueError(f"max_tune_fraction must lie in (0, 1], got {max_tune_fraction!r}")
+    if isinstance(min_group_share, bool) or not isinstance(min_group_share, numbers.Real) \
+            or not 0 <= min_group_share <= 1:
+        raise ValueError(f"min_group_share must lie in [0, 1], got {min_group_share!r}")
     layers = handle.moe_layers
     if not layers:
         raise ValueError("the model has no MoE layers: there are no expert budgets to derive")
@@ -250,7 +262,17 @@ def budgets_from_memory(
             f"of the {len(layers)} MoE layers need at least {needed} bytes"
             + (f" (including activation_bytes={activation_bytes})" if activation_bytes else "")
         )
-    tune = _largest_fitting(1, tune_cap, lambda t: canon.cost(t, 0) <= memory_bytes)
+
+    def share_groups(t: int) -> int:  # extra groups (above the floor) the share asks for next to t
+        wanted = math.ceil(min_group_share * (total_experts - t) - 1e-9)
+        return max(0, min(total_experts - t, wanted) - floor_groups)
+
+    def fits(t: int) -> bool:
+        return canon.cost(t, share_groups(t)) <= memory_bytes
+
+    # one more tuning expert costs more than the groups the share then no longer asks for, so
+    # fits is monotone; where even one tuning expert and its share do not fit, one it is
+    tune = _largest_fitting(1, tune_cap, fits) if fits(1) else 1
     extra_cap = total_experts - tune - floor_groups
     extra = _largest_fitting(0, extra_cap, lambda m: canon.cost(tune, m) <= memory_bytes)
 

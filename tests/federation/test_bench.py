@@ -311,6 +311,16 @@ def test_a_finished_run_is_reused_only_for_the_config_it_ran(tmp_path):
     # the run's own target only labels its summary (the bench measures against its own): reused
     again = run_one(setting, {"participants": 4}, "flux", 1, run_dir, progress=False, sets=["target_accuracy=0.9"])
     assert again["summary"] == {"final_accuracy": 0.5}
+    # keys only another method reads do not make a baseline's run another run; shared ones do
+    fedavg_dir = tmp_path / "runs" / "s" / "fedavg" / "seed1"
+    _finished_run(fedavg_dir, run_config(setting, {"participants": 4}, "fedavg", 1))
+    for key in ("flux.frozen_format=int4", "flux.min_group_share=0.5", "fmq.weight_format=nf4"):
+        assert run_one(setting, {"participants": 4}, "fedavg", 1, fedavg_dir, progress=False,
+                       sets=[key])["summary"] == {"final_accuracy": 0.5}
+    with pytest.raises(BenchConfigError, match=r"differs in flux.profile_bits"):
+        run_one(setting, {"participants": 4}, "fedavg", 1, fedavg_dir, progress=False, sets=["flux.profile_bits=8"])
+    with pytest.raises(BenchConfigError, match=r"differs in flux.frozen_format"):
+        run_one(setting, {"participants": 4}, "flux", 1, run_dir, progress=False, sets=["flux.frozen_format=int4"])
     # the whole bench refuses before running anything
     bench = tmp_path / "b.toml"
     bench.write_text('methods = ["flux"]\nseeds = [1, 2]\n[base]\nparticipants = 4\n'

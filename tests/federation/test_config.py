@@ -118,6 +118,7 @@ def test_inline_table_override_merges_into_the_table():
     ("dataset.partition=dirichelt", "dataset.partition", "dirichlet"),
     ("flux.profile_bits=3", "flux.profile_bits", "one of"),
     ("flux.epsilon_end=1.2", "flux.epsilon_end", "[0, 1]"),
+    ("flux.min_group_share=1.5", "flux.min_group_share", "[0, 1]"),
     ("flux.profile_samples=-1", "flux.profile_samples", ">= 0"),
     ("flux.hide_idle_profiling=0", "flux.hide_idle_profiling", "true or false"),
     ("flux.exploration_draw=utilty", "flux.exploration_draw", "did you mean 'utility'"),

@@ -2,6 +2,8 @@
 monotonicity, errors, and the real tensors of the chosen layout after an optimizer step."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -116,6 +118,29 @@ def test_too_little_memory_raises_with_the_needed_bytes(handle):
         budgets_from_memory(handle, needed, frozen_bits=3)
     with pytest.raises(ValueError, match="no room for a tuning expert"):
         budgets_from_memory(handle, needed, min_merged_per_layer=E)
+
+
+def test_a_group_share_gives_up_tuning_experts_for_merged_groups(handle):
+    fixed = _non_expert_bytes(handle) + COUNTS + INDEX
+    memory = fixed + 2 * TUNING + L * EXPERT + 3 * EXPERT + 100
+    assert (lambda b: (b.tune, b.merged))(budgets_from_memory(handle, memory, max_tune_fraction=0.5,
+                                                              min_group_share=0.0)) == (2, L + 3)
+    # t = 2 would need groups for ceil(0.5 * 14) = 7 experts: 2 * TUNING + 7 * EXPERT > what is left;
+    # t = 1 needs 8 and leaves room for 9 (13 * EXPERT + 116 - TUNING)
+    b = budgets_from_memory(handle, memory, max_tune_fraction=0.5, min_group_share=0.5)
+    assert (b.tune, b.merged) == (1, 9) and b.used_bytes <= memory
+    low = budgets_from_memory(handle, 10**9).fixed_bytes + TUNING + L * EXPERT
+    for share in (0.25, 0.5, 1.0):
+        for memory in range(low, full_training_bytes(handle) + 1, 2999):
+            first = budgets_from_memory(handle, memory, max_tune_fraction=1.0)
+            b = budgets_from_memory(handle, memory, max_tune_fraction=1.0, min_group_share=share)
+            assert estimate_memory(handle, b.layouts).total == b.used_bytes <= memory
+            assert b.tune <= first.tune
+            if b.tune > 1:  # one tuning expert is the floor even where its share does not fit
+                assert b.merged >= math.ceil(share * (2 * E - b.tune) - 1e-9)
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="min_group_share"):
+            budgets_from_memory(handle, memory, min_group_share=bad)
 
 
 def test_int4_frozen_groups_buy_more_merged_groups(handle):
