@@ -314,13 +314,13 @@ def test_a_finished_run_is_reused_only_for_the_config_it_ran(tmp_path):
     # keys only another method reads do not make a baseline's run another run; shared ones do
     fedavg_dir = tmp_path / "runs" / "s" / "fedavg" / "seed1"
     _finished_run(fedavg_dir, run_config(setting, {"participants": 4}, "fedavg", 1))
-    for key in ("flux.frozen_format=int4", "flux.min_group_share=0.5", "fmq.weight_format=nf4"):
+    for key in ("flux.frozen_format=full", "flux.min_group_share=0", "fmq.weight_format=nf4"):
         assert run_one(setting, {"participants": 4}, "fedavg", 1, fedavg_dir, progress=False,
                        sets=[key])["summary"] == {"final_accuracy": 0.5}
     with pytest.raises(BenchConfigError, match=r"differs in flux.profile_bits"):
         run_one(setting, {"participants": 4}, "fedavg", 1, fedavg_dir, progress=False, sets=["flux.profile_bits=8"])
     with pytest.raises(BenchConfigError, match=r"differs in flux.frozen_format"):
-        run_one(setting, {"participants": 4}, "flux", 1, run_dir, progress=False, sets=["flux.frozen_format=int4"])
+        run_one(setting, {"participants": 4}, "flux", 1, run_dir, progress=False, sets=["flux.frozen_format=full"])
     # the whole bench refuses before running anything
     bench = tmp_path / "b.toml"
     bench.write_text('methods = ["flux"]\nseeds = [1, 2]\n[base]\nparticipants = 4\n'
@@ -413,8 +413,12 @@ def test_set_for_changes_one_method_s_runs_and_reuses_the_others(tmp_path, monke
     assert doc["method_sets"] == [["flux", "flux.exploration_draw=utility"]]
     with pytest.raises(BenchConfigError, match="does not run"):
         run_bench(path, variant, method_sets=[("fmes", "rounds=2")], progress=False)
-    with pytest.raises(BenchConfigError, match="differs in flux.exploration_draw"):  # --set changes fedavg too
-        run_bench(path, variant, sets=["flux.exploration_draw=utility"], progress=False)
+    # --set changes fedavg too, unless only FLUX reads the key
+    assert run_bench(path, variant, sets=["flux.exploration_draw=utility"], progress=False)["sets"] == [
+        "flux.exploration_draw=utility"]
+    assert ran[3:] == []  # both reused: fedavg does not read it, FLUX's run was made with it
+    with pytest.raises(BenchConfigError, match="differs in local_steps"):
+        run_bench(path, variant, sets=["local_steps=3"], progress=False)
 
 
 def test_overrides_flatten_nested_tables():
