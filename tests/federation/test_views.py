@@ -51,8 +51,9 @@ def test_merged_views_per_class_and_format_leave_the_global_model_as_it_was():
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert result["global"] == reference
     devices = participant_profiles(cfg.devices, cfg.participants, work.model_params)
-    method = Flux()
-    method.setup(RunContext(cfg=cfg, work=work, devices=devices, rank=0, world=1))
+    method = Flux()  # the budgets a run with full-precision groups derives
+    method.setup(RunContext(cfg=load_config(TINY, ["flux.frozen_format=full"]), work=work, devices=devices,
+                            rank=0, world=1))
     rows = result["views"]
     assert [(r["frozen_format"], r["device"]) for r in rows] == [
         (f, d) for f in ("full", "int4") for d in ("rtx4090-24gb", "rtx3060-12gb")]
