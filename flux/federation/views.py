@@ -21,10 +21,6 @@ if TYPE_CHECKING:
     from flux.federation.workload import Workload
 
 
-def _clone_stacks(stacks: list[dict]) -> list[dict]:
-    return [{k: v.detach().clone() for k, v in s.items()} for s in stacks]
-
-
 def participant_view_quality(work: "Workload", cfg: "RunConfig", *,
                              formats: Sequence[str] | None = None) -> dict[str, Any]:
     """Held-out metrics of the global model and of each device class's FLUX view of it.
@@ -43,7 +39,7 @@ def participant_view_quality(work: "Workload", cfg: "RunConfig", *,
     """
     from flux.federation.devices import participant_profiles
     from flux.federation.runner import profile_batches
-    from flux.merging.install import layer_weight_stacks, merge_model, uninstall
+    from flux.merging.install import merge_model, uninstall
     from flux.methods.api import RunContext
     from flux.methods.flux import Flux, participant_stacks
     from flux.models import evaluate
@@ -66,7 +62,6 @@ def participant_view_quality(work: "Workload", cfg: "RunConfig", *,
     for pid, dev in enumerate(devices):
         firsts.setdefault(dev.name, pid)
     num_experts = [layer.num_experts for layer in handle.moe_layers]
-    originals = _clone_stacks(layer_weight_stacks(handle))
     profiles = {pid: profile_model(work.model.backbone, profile_batches(work.train[pid], None),
                                    bits=cfg.flux.profile_bits, num_samples=len(work.train[pid]))
                 for pid in firsts.values()}
@@ -84,11 +79,11 @@ def participant_view_quality(work: "Workload", cfg: "RunConfig", *,
                                 stacks=participant_stacks(handle, tuning, cfg.download_bits),
                                 total_budget=method.merged_total(pid, tuning, num_experts),
                                 mode=cfg.flux.merge_mode, clustering=cfg.flux.merge_clustering, seed=cfg.seed,
-                                quantize_bits=FROZEN_FORMATS[fmt], keep_originals=False)
+                                quantize_bits=FROZEN_FORMATS[fmt])
             try:
                 metrics = evaluate(work.model, work.test)
-            finally:  # the originals were released: put the global experts back from the copies
-                uninstall(handle, write_back=False, full_weights=_clone_stacks(originals))
+            finally:  # the originals stay installed under the view: removing it restores them
+                uninstall(handle, write_back=False)
             rows.append({"device": name, "participant": pid, "memory_bytes": int(devices[pid].memory_bytes),
                          "frozen_format": fmt, "tuning": sum(len(t) for t in tuning),
                          "merged_groups": sum(p.num_groups - p.num_tuning for p in plans),
