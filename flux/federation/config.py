@@ -39,6 +39,7 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")  # flux.models.hf.DTYP
 MODEL_SAVE = ("auto", "always", "never")  # RUN_DIR/model at the end of a run (flux.models.export)
 # optional bitsandbytes paths (docs/bitsandbytes.md, "Options"); the first value is flux's own, the default
 FROZEN_FORMATS = ("full", "int4", "int8", "nf4")  # flux.moe.merged_view.FROZEN_FORMATS
+BUDGET_POLICIES = ("share", "measured")  # flux.methods.budget_policy
 OPTIMIZERS = ("adamw", "adamw8bit")  # flux.federation.local.OPTIMIZERS
 FMQ_WEIGHT_FORMATS = ("int4", "nf4")  # flux.methods.fmq.WEIGHT_FORMATS
 
@@ -118,6 +119,9 @@ class FluxConfig:
     zo_perturbations: int = 8
     max_tune_fraction: float = 1.0  # 1 = memory alone decides B_tune (docs/techniques.md)
     min_group_share: float = 0.5  # merged groups for >= this share of the non-tuning experts before B_tune (0 = tuning first; docs/techniques.md)
+    budget_policy: str = "share"  # "share" (min_group_share) | "measured": each participant picks its split by merge error (flux.methods.budget_policy)
+    view_error_tolerance: float = 0.1  # "measured": largest relative hidden-state error of a participant's merged view
+    budget_probe_samples: int = 32  # "measured": local samples the participant measures the error on
     utility_micro_batches: int = 4
     utility_steps: int = 2  # local steps that measure Eq. 3 (0 = every step, the exact estimate)
     frozen_format: str = "int4"  # merged (frozen) groups: int4/int8 flux, full = the weight dtype (the paper), nf4 bitsandbytes
@@ -445,6 +449,10 @@ def validate(cfg: RunConfig) -> None:
     _check(f.zo_perturbations >= 1, "flux.zo_perturbations", f"must be >= 1, got {f.zo_perturbations}")
     _check(0 < f.max_tune_fraction <= 1, "flux.max_tune_fraction", f"must be in (0, 1], got {f.max_tune_fraction}")
     _check(0 <= f.min_group_share <= 1, "flux.min_group_share", f"must be in [0, 1], got {f.min_group_share}")
+    _one_of(f.budget_policy, BUDGET_POLICIES, "flux.budget_policy")
+    _check(math.isfinite(f.view_error_tolerance) and f.view_error_tolerance >= 0, "flux.view_error_tolerance",
+           f"must be >= 0, got {f.view_error_tolerance}")
+    _check(f.budget_probe_samples >= 1, "flux.budget_probe_samples", f"must be >= 1, got {f.budget_probe_samples}")
     _check(f.utility_steps >= 0, "flux.utility_steps", f"must be >= 0 (0 = every step), got {f.utility_steps}")
     _check(f.utility_micro_batches >= 1, "flux.utility_micro_batches", f"must be >= 1, got {f.utility_micro_batches}")
     _one_of(f.frozen_format, FROZEN_FORMATS, "flux.frozen_format")

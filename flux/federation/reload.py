@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 if TYPE_CHECKING:  # the workload module pulls in torch and the models: imported when a run is loaded
+    from flux.federation.config import RunConfig
     from flux.federation.workload import Workload
 
 
@@ -22,6 +23,13 @@ def load_run(run_dir: str | os.PathLike, *, progress: bool = False) -> tuple["Wo
         LookupError: the run has no readable checkpoint.
         flux.federation.errors.ConfigError: the saved config is invalid here.
     """
+    work, rounds, _, _ = _load_checkpointed(run_dir, progress=progress)
+    return work, rounds
+
+
+def _load_checkpointed(run_dir: str | os.PathLike, *, progress: bool) -> tuple["Workload", int, dict, "RunConfig"]:
+    """:func:`load_run`, plus the checkpoint's whole state (the method's included) and the
+    run's config."""
     from flux.federation.checkpoint import load_latest
     from flux.federation.config import load_config
     from flux.federation.workload import all_threads, build_workload
@@ -38,7 +46,7 @@ def load_run(run_dir: str | os.PathLike, *, progress: bool = False) -> tuple["Wo
         work = build_workload(cfg, progress=progress)
     rounds, state = found
     work.model.load_state_dict(state["model"])
-    return work, rounds
+    return work, rounds, state, cfg
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, progress: bool = False,
@@ -50,16 +58,15 @@ def evaluate_run(run_dir: str | os.PathLike, *, progress: bool = False,
     ``views``: also score each device class's FLUX view of that model, once per frozen format
     listed (empty: the run's own ``flux.frozen_format``), as ``result["views"]``
     (:func:`flux.federation.views.participant_view_quality`)."""
-    from flux.federation.config import load_config
     from flux.federation.workload import all_threads
     from flux.models import evaluate
 
-    work, rounds = load_run(run_dir, progress=progress)
+    work, rounds, state, cfg = _load_checkpointed(run_dir, progress=progress)
     with all_threads():  # evaluation does not change the model: any thread count
         result = evaluate(work.model, work.test)
         if views is not None:
             from flux.federation.views import participant_view_quality
 
-            cfg = load_config(str(Path(run_dir) / "config.toml"))
-            result["views"] = participant_view_quality(work, cfg, formats=list(views) or None)["views"]
+            result["views"] = participant_view_quality(work, cfg, formats=list(views) or None,
+                                                       method_state=state.get("method"))["views"]
     return {"round": rounds, "task": work.kind, "test_examples": len(work.test), **result}

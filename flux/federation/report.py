@@ -179,6 +179,7 @@ class RunReporter:
             **{k: facts[k] for k in ("world_size", "machine_flops", "devices", "model_params", "pretrain")},
             "base": _read_json(self.out / "base.json"),
             **{k: facts[k] for k in ("task", "test_examples")},
+            "method_report": facts.get("method_report", {}),
             "routing_drift_median": _median([x.get("routing_drift") for x in records]),
         }
         write_json_atomic(self.out / "summary.json", summary)

@@ -22,6 +22,7 @@ class Stream(enum.IntEnum):
     ZEROTH_ORDER = 4  # FLUX's SPSA perturbations of exploration experts
     PROFILE_SAMPLE = 5  # which local samples a participant profiles
     FMQ_ROUNDING = 6  # FMQ's stochastic rounding
+    BUDGET_PROBE = 7  # which local samples FLUX's measured budget policy measures its views on
 
 
 def participant_generator(seed: int, round_idx: int, pid: int, stream: Stream = Stream.LOCAL_BATCHES) -> torch.Generator:

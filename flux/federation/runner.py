@@ -152,6 +152,8 @@ class Run:
             self.method.setup(self.ctx)
         except ValueError as exc:  # a budget the devices cannot meet: a config problem
             raise ConfigError("devices", f"{cfg.method} cannot run on these devices: {exc}") from exc
+        for line in self.method.setup_lines(self.ctx):
+            self.reporter.notice(line)
         self.sizes = self._tensor_sizes()
         self.quantized_sizes = self._quantized_expert_sizes(cfg.download_bits)
         # per tensor, one broadcast round delta's packed bytes (empty without broadcast_bits)
@@ -606,6 +608,7 @@ class Run:
                          if isinstance(v, (int, float, str, bool)) or k == "quality"},
             "task": self.work.kind,
             "test_examples": len(self.work.test),
+            "method_report": self.method.report(),
         }
         return self.reporter.finish(cfg=self.cfg, facts=facts)
 

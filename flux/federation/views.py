@@ -14,7 +14,7 @@ and puts the global model back, once per frozen format asked for: the measuremen
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 if TYPE_CHECKING:
     from flux.federation.config import RunConfig
@@ -22,13 +22,17 @@ if TYPE_CHECKING:
 
 
 def participant_view_quality(work: "Workload", cfg: "RunConfig", *,
-                             formats: Sequence[str] | None = None) -> dict[str, Any]:
+                             formats: Sequence[str] | None = None,
+                             method_state: Optional[dict] = None) -> dict[str, Any]:
     """Held-out metrics of the global model and of each device class's FLUX view of it.
 
     Args:
         work: the run's workload, its global model loaded (:func:`flux.federation.reload.load_run`).
         cfg: the run's config (devices, FLUX options, ``download_bits``, seed).
         formats: ``flux.frozen_format`` values to compare (default: the run's own).
+        method_state: the run's checkpointed method state (used for a FLUX run): with ``flux.budget_policy = "measured"``
+            the views of the run's own format use the splits the run measured on the pretrained
+            model (any other format measures its splits on the model given).
 
     Returns:
         ``{"global": metrics, "views": [row, ...]}``; a row has ``device`` (class name),
@@ -39,9 +43,9 @@ def participant_view_quality(work: "Workload", cfg: "RunConfig", *,
     """
     from flux.federation.devices import participant_profiles
     from flux.federation.runner import profile_batches
-    from flux.merging.install import merge_model, uninstall
+    from flux.merging.install import uninstall
     from flux.methods.api import RunContext
-    from flux.methods.flux import Flux, participant_stacks
+    from flux.methods.flux import Flux, install_participant_view
     from flux.models import evaluate
     from flux.moe.merged_view import FROZEN_FORMATS
     from flux.profiling import profile_model
@@ -71,15 +75,14 @@ def participant_view_quality(work: "Workload", cfg: "RunConfig", *,
         fmt_cfg = dataclasses.replace(cfg, flux=dataclasses.replace(cfg.flux, frozen_format=fmt))
         method = Flux()  # the budgets exactly as a run with this format derives them
         method.setup(RunContext(cfg=fmt_cfg, work=work, devices=devices, rank=0, world=1))
+        if method_state and cfg.method == "flux" and fmt == cfg.flux.frozen_format:
+            method.load_state_dict(method_state)
         for name, pid in firsts.items():
             profile = profiles[pid]
             tuning = [sorted(t.tolist()) for t in
                       select_top_b(activation_utilities(profile.frequencies()), method.budgets[pid].tune)]
-            plans = merge_model(handle, tuning, profile.frequencies(), profile.attention_scores(),
-                                stacks=participant_stacks(handle, tuning, cfg.download_bits),
-                                total_budget=method.merged_total(pid, tuning, num_experts),
-                                mode=cfg.flux.merge_mode, clustering=cfg.flux.merge_clustering, seed=cfg.seed,
-                                quantize_bits=FROZEN_FORMATS[fmt])
+            plans = install_participant_view(handle, fmt_cfg, tuning, profile,
+                                             method.merged_total(pid, tuning, num_experts))
             try:
                 metrics = evaluate(work.model, work.test)
             finally:  # the originals stay installed under the view: removing it restores them

@@ -83,6 +83,15 @@ class Method:
         """Once per run, before round 1 (e.g. budgets from device memory).  Raise ValueError
         when a participant's device cannot run the method (reported as a config error)."""
 
+    def setup_lines(self, ctx: RunContext) -> list[str]:
+        """What :meth:`setup` decided, as one-line notices for the user (e.g. the budgets)."""
+        return []
+
+    def report(self) -> dict:
+        """The method's decisions for ``summary.json`` (``method_report``; numbers, strings and
+        containers of them); empty by default."""
+        return {}
+
     def plan(self, ctx: RunContext, round_idx: int, sampled: list[int], profiles: dict[int, Any]) -> dict[int, Any]:
         """Per sampled participant, what the server tells it this round (None by default)."""
         return {pid: None for pid in sampled}

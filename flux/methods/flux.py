@@ -46,23 +46,71 @@ class Flux(Method):
     own_config_keys = tuple(f"flux.{k}" for k in (
         "merge_mode", "merge_clustering", "epsilon_start", "epsilon_end", "epsilon_rounds", "exploration",
         "exploration_draw", "zo_sigma", "zo_perturbations", "max_tune_fraction", "min_group_share",
-        "utility_micro_batches", "utility_steps", "frozen_format", "optimizer"))
+        "utility_micro_batches", "utility_steps", "frozen_format", "optimizer", "budget_policy",
+        "view_error_tolerance", "budget_probe_samples"))
 
     def __init__(self) -> None:
         self.budgets: dict[int, Any] = {}
         self.measured: dict[int, dict[tuple[int, int], tuple[int, float]]] = {}
         self.kappa: dict[int, float] = {}
+        # budget_policy = "measured": each participant's trials, and the wall seconds of its
+        # measurement not yet charged (to its first round)
+        self.budget_trials: dict[int, list] = {}
+        self.budget_candidates: dict[int, list] = {}
+        self.uncharged_setup_s: dict[int, float] = {}
+        self.charged_now: dict[int, float] = {}  # this round's share of it, per sampled participant
+        self.measure_s: dict[str, float] = {}  # each participant's measurement, wall seconds
 
     # ------------------------------------------------------------------ server side
     def setup(self, ctx: RunContext) -> None:
         from flux.moe.memory_budget import budgets_from_memory
         from flux.moe.merged_view import FROZEN_FORMATS
 
+        f = ctx.cfg.flux
         dense = list(self.dense_parameters(ctx).values())
-        self.budgets = per_device_memory(ctx, lambda memory: budgets_from_memory(
-            ctx.work.handle, memory, optimizer=ctx.cfg.flux.optimizer, trainable=dense,
-            frozen_bits=FROZEN_FORMATS[ctx.cfg.flux.frozen_format],
-            max_tune_fraction=ctx.cfg.flux.max_tune_fraction, min_group_share=ctx.cfg.flux.min_group_share))
+
+        def build(memory: int, share: float):
+            return budgets_from_memory(ctx.work.handle, memory, optimizer=f.optimizer, trainable=dense,
+                                       frozen_bits=FROZEN_FORMATS[f.frozen_format],
+                                       max_tune_fraction=f.max_tune_fraction, min_group_share=share)
+
+        if f.budget_policy == "measured":
+            from flux.methods.budget_policy import measured_budgets
+
+            found = measured_budgets(ctx, build)
+            self.budgets, self.budget_trials = found["budgets"], found["trials"]
+            self.budget_candidates = found["candidates"]
+            self.uncharged_setup_s = dict(found["seconds"])
+            self.measure_s = {str(pid): round(v, 4) for pid, v in found["seconds"].items()}
+        else:
+            self.budgets = per_device_memory(ctx, lambda memory: build(memory, f.min_group_share))
+
+    def setup_lines(self, ctx: RunContext) -> list[str]:
+        """Each device class's budgets (and, when measured, each participant's split)."""
+        if not self.budget_trials:
+            seen: dict[str, Any] = {}
+            for pid, dev in enumerate(ctx.devices):
+                seen.setdefault(dev.name, self.budgets[pid])
+            return [f"budgets ({ctx.cfg.flux.budget_policy}, min_group_share {ctx.cfg.flux.min_group_share}): "
+                    + "; ".join(f"{name}: {b.tune} tuning experts + {b.merged} merged groups"
+                                for name, b in seen.items())]
+        lines = []
+        for pid, dev in enumerate(ctx.devices):
+            b = self.budgets[pid]
+            tried = ", ".join(f"{t.tune}+{t.merged}: {t.error:.3f}" for t in self.budget_trials[pid])
+            lines.append(f"budget of participant {pid} ({dev.name}, measured): {b.tune} tuning experts + "
+                         f"{b.merged} merged groups; view error per split {tried} "
+                         f"(tolerance {ctx.cfg.flux.view_error_tolerance})")
+        return lines
+
+    def report(self) -> dict:
+        """``summary.json``'s ``method_report``: every participant's budgets (and trials)."""
+        import dataclasses
+
+        return {"budget_policy_s": self.measure_s,
+                "budgets": {str(pid): {"tune": b.tune, "merged": b.merged,
+                                       "trials": [dataclasses.asdict(t) for t in self.budget_trials.get(pid, [])]}
+                            for pid, b in self.budgets.items()}}
 
     def schedule(self, ctx: RunContext):
         from flux.roles import EpsilonSchedule
@@ -85,6 +133,8 @@ class Flux(Method):
     def plan(self, ctx: RunContext, round_idx: int, sampled: list[int], profiles: dict[int, Any]) -> dict[int, Any]:
         from flux.roles import assign_roles
 
+        # every rank plans every sampled participant: the one place a first round is known everywhere
+        self.charged_now = {pid: self.uncharged_setup_s.pop(pid) for pid in sampled if pid in self.uncharged_setup_s}
         utils = [self.utilities(round_idx, pid, profiles[pid]) for pid in sampled]
         budgets = [self.budgets[pid].tune for pid in sampled]
         gen = participant_generator(ctx.cfg.seed, round_idx, 0, Stream.ROLE_ASSIGNMENT)
@@ -108,21 +158,28 @@ class Flux(Method):
                 self.kappa[u.participant] = float(sum(u.utilities.values())) / share
 
     def state_dict(self) -> dict:
-        return {"measured": self.measured, "kappa": self.kappa}
+        return {"measured": self.measured, "kappa": self.kappa, "uncharged_setup_s": self.uncharged_setup_s,
+                "splits": {pid: [b.tune, b.merged] for pid, b in self.budgets.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.measured = {int(k): dict(v) for k, v in state["measured"].items()}
         self.kappa = {int(k): float(v) for k, v in state["kappa"].items()}
+        # a resumed run measured its splits again in setup, on the same pretrained model; only the
+        # participants not yet sampled before the checkpoint still owe the measurement's time
+        self.uncharged_setup_s = {int(k): float(v) for k, v in state.get("uncharged_setup_s", {}).items()}
+        # and keeps the splits it ran with, even where a re-measured error fell on the other side
+        # of the tolerance (another thread count sums in another order)
+        for pid, (tune, merged) in state.get("splits", {}).items():
+            same = [b for b in self.budget_candidates.get(int(pid), []) if (b.tune, b.merged) == (tune, merged)]
+            if same:
+                self.budgets[int(pid)] = same[0]
 
     # ------------------------------------------------------------------ participant side
     def merged_total(self, pid: int, tuning: list[list[int]], num_experts: list[int]) -> int:
         """The participant's merged-group budget, clamped to what the layout allows."""
-        non_tuning = [e - len(t) for e, t in zip(num_experts, tuning)]
-        low = sum(1 for n in non_tuning if n > 0)
-        return max(low, min(self.budgets[pid].merged, sum(non_tuning)))
+        return merged_group_total(self.budgets[pid].merged, tuning, num_experts)
 
     def local_update(self, ctx: RunContext, round_idx: int, pid: int, roles: Any, profile: Any) -> Update:
-        from flux.merging.install import merge_model
         from flux.moe import LayerLayout, estimate_memory
         from flux.moe.merged_view import FROZEN_FORMATS
         from flux.roles import activation_utilities
@@ -135,15 +192,12 @@ class Flux(Method):
         explore = [sorted(x.tolist()) for x in roles.exploration] if zo else [[] for _ in layers]
         num_experts = [layer.num_experts for layer in layers]
         with self.session(ctx, round_idx, pid) as s:
+            # the measured budget policy ran on this participant before its first round
+            s.overhead_s += self.charged_now.get(pid, 0.0)
             with s.overhead():
                 # the participant's copies: its non-tuning experts came as int-N (download_bits)
-                stacks = participant_stacks(handle, tuning, cfg.download_bits)
-                plans = merge_model(handle, tuning, profile.frequencies(), profile.attention_scores(),
-                                    stacks=stacks,
-                                    total_budget=self.merged_total(pid, tuning, num_experts),
-                                    mode=cfg.flux.merge_mode, clustering=cfg.flux.merge_clustering,
-                                    seed=cfg.seed, frozen_tuning=explore,
-                                    quantize_bits=frozen_bits)
+                plans = install_participant_view(handle, cfg, tuning, profile,
+                                                 self.merged_total(pid, tuning, num_experts), frozen_tuning=explore)
             s.begin()
             tracker = _GradTracker(layers)
             explorer = _ZerothOrderExplorer(ctx.work.model, layers, explore, sigma=cfg.flux.zo_sigma,
@@ -191,6 +245,30 @@ class Flux(Method):
                 sq = tracker.scale * tracker.sq_norms[l][g] if tracker.sq_norms.get(l) is not None else 0.0
                 out[(l, e)] = utility_from_sums(d_e, float(sq))
         return out
+
+
+def merged_group_total(budget: int, tuning: list[list[int]], num_experts: list[int]) -> int:
+    """A merged-group budget clamped to the layout: at least one group per layer that has a
+    non-tuning expert, at most one group per non-tuning expert (no merging)."""
+    non_tuning = [e - len(t) for e, t in zip(num_experts, tuning)]
+    low = sum(1 for n in non_tuning if n > 0)
+    return max(low, min(budget, sum(non_tuning)))
+
+
+def install_participant_view(handle, cfg, tuning: list[list[int]], profile, merged_total: int, *,
+                             frozen_tuning: Optional[list[list[int]]] = None) -> list:
+    """Install a participant's merged view (Eq. 1/2): ``tuning`` (per MoE layer, expert ids) stay
+    trainable at full precision, every other expert is merged from its int-``download_bits`` copy
+    into ``merged_total`` groups stored in ``flux.frozen_format``, by the ``profile``'s activation
+    frequencies and attention scores.  The originals stay under the view
+    (``uninstall(handle, write_back=False)`` restores them).  Returns the per-layer merge plans."""
+    from flux.merging.install import merge_model
+    from flux.moe.merged_view import FROZEN_FORMATS
+
+    return merge_model(handle, tuning, profile.frequencies(), profile.attention_scores(),
+                       stacks=participant_stacks(handle, tuning, cfg.download_bits), total_budget=merged_total,
+                       mode=cfg.flux.merge_mode, clustering=cfg.flux.merge_clustering, seed=cfg.seed,
+                       frozen_tuning=frozen_tuning, quantize_bits=FROZEN_FORMATS[cfg.flux.frozen_format])
 
 
 def participant_stacks(handle, tuning: list[list[int]], bits: int) -> Optional[list[dict[str, Tensor]]]:
