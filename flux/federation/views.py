@@ -45,12 +45,10 @@ def participant_view_quality(work: "Workload", cfg: "RunConfig", *,
     from flux.federation.runner import profile_batches
     from flux.merging.install import uninstall
     from flux.methods.api import RunContext
-    from flux.methods.flux import Flux, install_participant_view
+    from flux.methods.flux import Flux, install_participant_view, most_activated
     from flux.models import evaluate
     from flux.moe.merged_view import FROZEN_FORMATS
     from flux.profiling import profile_model
-    from flux.roles import activation_utilities
-    from flux.roles.assignment import select_top_b
 
     formats = list(formats or [cfg.flux.frozen_format])
     unknown = [f for f in formats if f not in FROZEN_FORMATS]
@@ -79,8 +77,7 @@ def participant_view_quality(work: "Workload", cfg: "RunConfig", *,
             method.load_state_dict(method_state)
         for name, pid in firsts.items():
             profile = profiles[pid]
-            tuning = [sorted(t.tolist()) for t in
-                      select_top_b(activation_utilities(profile.frequencies()), method.budgets[pid].tune)]
+            tuning = most_activated(profile, method.budgets[pid].tune)
             plans = install_participant_view(handle, fmt_cfg, tuning, profile,
                                              method.merged_total(pid, tuning, num_experts))
             try:

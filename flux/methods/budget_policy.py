@@ -88,10 +88,8 @@ def measure_trials(ctx: "RunContext", pid: int, candidates: Sequence["MemoryBudg
     from flux.federation.rng import Stream, participant_generator
     from flux.federation.runner import profile_batches, profile_sample
     from flux.merging.install import uninstall
-    from flux.methods.flux import install_participant_view, merged_group_total
+    from flux.methods.flux import install_participant_view, merged_group_total, most_activated
     from flux.profiling import profile_model
-    from flux.roles import activation_utilities
-    from flux.roles.assignment import select_top_b
 
     cfg, work = ctx.cfg, ctx.work
     handle, data = work.handle, work.train[pid]
@@ -100,7 +98,6 @@ def measure_trials(ctx: "RunContext", pid: int, candidates: Sequence["MemoryBudg
                             participant_generator(cfg.seed, 0, pid, Stream.BUDGET_PROBE))
     batches = list(profile_batches(data, picked))
     profile = profile_model(work.model.backbone, batches, bits=cfg.flux.profile_bits, num_samples=len(data))
-    shares_of_activation = activation_utilities(profile.frequencies())
 
     def hidden_of_view(tuning: list[list[int]], total: int) -> Tensor:
         install_participant_view(handle, cfg, tuning, profile, total)
@@ -115,7 +112,7 @@ def measure_trials(ctx: "RunContext", pid: int, candidates: Sequence["MemoryBudg
         if any(t.tune == budget.tune and t.merged == budget.merged for t in trials):
             continue
         if budget.tune not in references:
-            tuning = [sorted(t.tolist()) for t in select_top_b(shares_of_activation, budget.tune)]
+            tuning = most_activated(profile, budget.tune)
             unmerged = sum(e - len(t) for e, t in zip(num_experts, tuning))
             references[budget.tune] = (tuning, hidden_of_view(tuning, unmerged))
         tuning, reference = references[budget.tune]
@@ -139,29 +136,25 @@ def measured_budgets(ctx: "RunContext", build: Callable[[int, float], "MemoryBud
         the participants and they exchange their choices, so every rank holds the same budgets.
     """
     from flux.federation import distributed as fd
-
-    by_memory: dict[int, list] = {}
-    for dev in ctx.devices:
-        memory = int(dev.memory_bytes)
-        if memory not in by_memory:
-            by_memory[memory] = [build(memory, s) for s in CANDIDATE_SHARES]
     from flux.federation.runner import my_share
+    from flux.methods.api import per_device_memory
 
+    candidates = per_device_memory(ctx, lambda memory: [build(memory, s) for s in CANDIDATE_SHARES])
     mine = {}
     for pid in my_share(list(range(len(ctx.devices))), ctx.rank, ctx.world):
         start = time.perf_counter()
-        trials = measure_trials(ctx, pid, by_memory[int(ctx.devices[pid].memory_bytes)], CANDIDATE_SHARES)
+        trials = measure_trials(ctx, pid, candidates[pid], CANDIDATE_SHARES)
         mine[pid] = {"trials": [dataclasses.asdict(t) for t in trials],
                      "chosen": choose(trials, ctx.cfg.flux.view_error_tolerance),
                      "seconds": time.perf_counter() - start}
     decisions = fd.all_gather_dict(mine)  # each rank measured its share; all now hold every choice
     out: dict[str, Any] = {"budgets": {}, "trials": {}, "chosen": {}, "seconds": {}, "candidates": {}}
-    for pid, dev in enumerate(ctx.devices):
+    for pid in range(len(ctx.devices)):
         found = decisions[pid]
         trials = [BudgetTrial(**t) for t in found["trials"]]
         pick = trials[int(found["chosen"])]
-        out["budgets"][pid] = by_memory[int(dev.memory_bytes)][CANDIDATE_SHARES.index(pick.share)]
+        out["budgets"][pid] = candidates[pid][CANDIDATE_SHARES.index(pick.share)]
         out["trials"][pid], out["chosen"][pid] = trials, int(found["chosen"])
         out["seconds"][pid] = float(found["seconds"])
-        out["candidates"][pid] = by_memory[int(dev.memory_bytes)]
+        out["candidates"][pid] = candidates[pid]
     return out

@@ -247,6 +247,15 @@ class Flux(Method):
         return out
 
 
+def most_activated(profile, tune: int) -> list[list[int]]:
+    """Per MoE layer, the sorted ids of the ``tune`` most-activated experts of ``profile`` over
+    all layers (the round-1 roles, before any utility was measured)."""
+    from flux.roles import activation_utilities
+    from flux.roles.assignment import select_top_b
+
+    return [sorted(t.tolist()) for t in select_top_b(activation_utilities(profile.frequencies()), tune)]
+
+
 def merged_group_total(budget: int, tuning: list[list[int]], num_experts: list[int]) -> int:
     """A merged-group budget clamped to the layout: at least one group per layer that has a
     non-tuning expert, at most one group per non-tuning expert (no merging)."""
